@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/flowtransfer run
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_flows.py

@@ -1,0 +1,282 @@
+"""MMSA pickles (CMU-MOSI / MOSEI / SIMS ``aligned_50.pkl``, ``unaligned_50.pkl``) loaded safely.
+
+Layout of an MMSA pickle: a dict of splits (``train``, ``valid``, ``test``), each a dict of
+
+==========================  ==================  ============================================
+key                         shape               meaning
+==========================  ==================  ============================================
+``text``                    ``(N, T_L, 768)``   BERT features (NTC)
+``text_bert``               ``(N, 3, T_L)``     token ids, attention mask, segment ids
+``audio``                   ``(N, T_A, C_A)``   e.g. COVAREP (may hold ``-inf``)
+``vision``                  ``(N, T_V, C_V)``   e.g. Facet
+``regression_labels``       ``(N,)``            sentiment in [-3, 3]
+``classification_labels``   ``(N,)``            class ids (when present)
+``id``, ``raw_text``        ``(N,)``            sample ids, transcripts
+``audio_lengths``, ...      ``(N,)``            valid lengths (unaligned files)
+==========================  ==================  ============================================
+
+The modalities are named ``L`` (text), ``A`` (audio) and ``V`` (vision) and converted once to
+flowtransfer's ``(N, C, T)`` layout.
+
+Pickles can run arbitrary code when loaded. :class:`RestrictedUnpickler` resolves only the globals
+that numpy arrays and plain containers need and refuses every other one with
+:class:`UnsafePickleError` *before* anything is called, so a crafted file runs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import pickle
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from flowtransfer.data.dataset import MultimodalDataset, from_arrays
+
+__all__ = [
+    "UnsafePickleError",
+    "MMSAFormatError",
+    "RestrictedUnpickler",
+    "restricted_load",
+    "load_mmsa",
+    "MMSA_MODALITIES",
+    "SPLITS",
+]
+
+#: modality name -> MMSA key (text's key is chosen by ``text_key``)
+MMSA_MODALITIES: dict[str, str] = {"L": "text", "A": "audio", "V": "vision"}
+#: the splits an MMSA pickle holds
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allow-list (it could run code); nothing was called."""
+
+
+class MMSAFormatError(ValueError):
+    """A file is unreadable, corrupt, or not in the MMSA layout."""
+
+
+def _numpy_core(sub: str) -> Any:
+    """``numpy._core.<sub>`` (numpy >= 2) or ``numpy.core.<sub>`` (numpy 1.x)."""
+    for base in ("numpy._core", "numpy.core"):
+        try:
+            return importlib.import_module(f"{base}.{sub}")
+        except ImportError:
+            continue
+    raise ImportError(f"cannot import numpy core module {sub!r}")
+
+
+def _allowed() -> dict[tuple[str, str], Any]:
+    multiarray = _numpy_core("multiarray")
+    numeric = _numpy_core("numeric")
+    import _codecs
+    import collections
+
+    table: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _codecs.encode,  # bytes in protocol-2 pickles
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+    for base in ("numpy.core", "numpy._core"):
+        table[(f"{base}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{base}.multiarray", "scalar")] = multiarray.scalar
+        table[(f"{base}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol-5 arrays
+    for mod in ("builtins", "__builtin__"):
+        for name, obj in (("set", set), ("frozenset", frozenset), ("bytearray", bytearray), ("complex", complex)):
+            table[(mod, name)] = obj
+    return table
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain Python containers, and nothing else.
+
+    Allowed globals: ``numpy.ndarray``, ``numpy.dtype``, numpy's ``_reconstruct``, ``scalar`` and
+    ``_frombuffer`` (``numpy.core`` or ``numpy._core``), ``_codecs.encode``, ``collections.OrderedDict``
+    and the builtins ``set``, ``frozenset``, ``bytearray``, ``complex``. Dicts, lists, tuples, strings,
+    bytes and numbers need no global. Any other global raises :class:`UnsafePickleError` naming it;
+    persistent ids are refused too.
+    """
+
+    _table: dict[tuple[str, str], Any] | None = None
+
+    def __init__(self, file: BinaryIO, *, source: str = "<stream>") -> None:
+        super().__init__(file)
+        self.source = source
+        if RestrictedUnpickler._table is None:
+            RestrictedUnpickler._table = _allowed()
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = (self._table or {}).get((module, name))
+        if obj is None:
+            raise UnsafePickleError(
+                f"refusing to load {self.source}: it asks for the global '{module}.{name}', which is not "
+                "on the allow-list (numpy arrays and plain containers only); nothing from the file was run"
+            )
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"refusing to load {self.source}: persistent id {pid!r} is not allowed")
+
+
+def restricted_load(source: str | os.PathLike | bytes | BinaryIO) -> Any:
+    """Unpickle a path, bytes or binary file with :class:`RestrictedUnpickler`.
+
+    Raises :class:`UnsafePickleError` for a forbidden global and :class:`MMSAFormatError` (naming
+    the path) when the file is unreadable or corrupt.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        return _unpickle(io.BytesIO(source), "<bytes>")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            if path.is_dir():
+                pkls = sorted(p.name for p in path.glob("*.pkl"))
+                raise MMSAFormatError(f"{path} is a folder; pass one pickle file (found here: {pkls or 'none'})")
+            raise FileNotFoundError(f"MMSA pickle not found: {path}")
+        try:
+            fh = open(path, "rb")
+        except OSError as err:
+            raise MMSAFormatError(f"cannot open {path}: {err}") from err
+        with fh:
+            return _unpickle(fh, str(path))
+    return _unpickle(source, getattr(source, "name", "<stream>"))
+
+
+def _unpickle(fh: BinaryIO, name: str) -> Any:
+    try:
+        return RestrictedUnpickler(fh, source=name).load()
+    except UnsafePickleError:
+        raise
+    except Exception as err:  # corrupt or truncated data surfaces as many exception types
+        raise MMSAFormatError(f"cannot read {name} as a pickle ({type(err).__name__}: {err})") from err
+
+
+def _lengths(split: dict, key: str, t: int, where: str) -> np.ndarray | None:
+    if key not in split:
+        return None
+    ln = np.asarray(split[key]).reshape(-1)
+    if ln.dtype.kind not in "biuf":
+        raise MMSAFormatError(f"{where}: '{key}' must be numeric, got dtype {ln.dtype}")
+    ln = ln.astype(np.int64)
+    if ln.size and (ln.max() > t or ln.min() < 0):
+        n_bad = int(((ln > t) | (ln < 0)).sum())
+        warnings.warn(f"{where}: {n_bad} values of '{key}' lie outside [0, {t}]; clipped", stacklevel=3)
+        ln = np.clip(ln, 0, t)
+    return ln
+
+
+def load_mmsa(
+    path: str | os.PathLike,
+    text_key: str = "text",
+    nonfinite: str = "zero",
+    task: str = "regression",
+    splits: Sequence[str] | None = None,
+    modalities: Sequence[str] = ("L", "A", "V"),
+) -> dict[str, MultimodalDataset]:
+    """Load an MMSA pickle into one :class:`MultimodalDataset` per split.
+
+    Args:
+        path: the ``.pkl`` file (read with :class:`RestrictedUnpickler`).
+        text_key: ``"text"`` (features ``(N, T, 768)``, the default) or ``"text_bert"``
+            (``(N, 3, T)`` token ids / attention mask / segment ids, stored as float32 channels of
+            modality ``L``: ids below 2**24 are exact; a BERT encoder consumes them).
+        nonfinite: ``"zero"`` (default: MMSA audio holds ``-inf``) replaces NaN/inf with 0, warns
+            and reports counts in ``ds.cleaning``; ``"error"`` raises instead.
+        task: ``"regression"`` (``regression_labels``) or ``"classification"``
+            (``classification_labels``).
+        splits: which splits to load (default: every split in the file); an unknown name raises
+            ``KeyError`` listing the available ones.
+        modalities: subset of ``("L", "A", "V")`` to load, in that order.
+
+    Returns:
+        split name -> dataset with modalities ``L``, ``A``, ``V`` in ``(N, C, T)``, ``ids`` from
+        ``id``, lengths from ``*_lengths`` (and ``L``'s from the BERT attention mask when present),
+        ``extras`` holding ``raw_text`` and the other label kind.
+
+    Example::
+
+        data = load_mmsa("MOSI/aligned_50.pkl")
+        data["train"].input_dims   # {"L": 768, "A": 5, "V": 20}
+    """
+    if text_key not in ("text", "text_bert"):
+        raise ValueError(f"text_key must be 'text' or 'text_bert', got {text_key!r}")
+    if task not in ("regression", "classification"):
+        raise ValueError(f"unknown task {task!r}; expected 'regression' or 'classification'")
+    mods = tuple(modalities)
+    unknown = [m for m in mods if m not in MMSA_MODALITIES]
+    if unknown or not mods:
+        raise ValueError(f"modalities must be a non-empty subset of {tuple(MMSA_MODALITIES)}, got {mods}")
+    path = Path(path)
+    raw = restricted_load(path)
+    if not isinstance(raw, dict):
+        raise MMSAFormatError(f"{path}: expected a dict of splits, got {type(raw).__name__}")
+    available = [k for k, v in raw.items() if isinstance(v, dict)]
+    if not available:
+        raise MMSAFormatError(f"{path}: no splits found (top-level keys: {list(raw)})")
+    wanted = list(splits) if splits is not None else [s for s in SPLITS if s in available] + [
+        s for s in available if s not in SPLITS
+    ]
+    for s in wanted:
+        if s not in available:
+            raise KeyError(f"unknown split {s!r} in {path}; available splits: {available}")
+    label_key = "regression_labels" if task == "regression" else "classification_labels"
+    other_label = "classification_labels" if task == "regression" else "regression_labels"
+
+    out: dict[str, MultimodalDataset] = {}
+    for s in wanted:
+        split = raw[s]
+        where = f"{path} [{s}]"
+        keys = {m: (text_key if m == "L" else MMSA_MODALITIES[m]) for m in mods}
+        for need in [*keys.values(), label_key]:
+            if need not in split:
+                raise MMSAFormatError(f"{where}: missing key '{need}'; keys present: {sorted(split)}")
+        features: dict[str, np.ndarray] = {}
+        for m, k in keys.items():
+            x = np.asarray(split[k])
+            if x.ndim != 3:
+                raise MMSAFormatError(f"{where}: '{k}' must be rank 3, got shape {x.shape}")
+            # every key is (N, T, C) except text_bert, which is (N, 3, T): bring it to NTC
+            features[m] = np.swapaxes(x, 1, 2) if k == "text_bert" else x
+        lengths: dict[str, np.ndarray] = {}
+        for m, k in keys.items():
+            t = features[m].shape[1]
+            if m == "L":
+                bert = split.get("text_bert")
+                if bert is not None and np.asarray(bert).ndim == 3 and np.asarray(bert).shape[2] == t:
+                    lengths["L"] = np.asarray(bert)[:, 1, :].sum(axis=1).astype(np.int64)
+                ln = _lengths(split, "text_lengths", t, where)
+            else:
+                ln = _lengths(split, f"{k}_lengths", t, where)
+            if ln is not None:
+                lengths[m] = ln
+        extras = {}
+        for k in ("raw_text", other_label):
+            if k in split and np.asarray(split[k]).shape[:1] == (features[mods[0]].shape[0],):
+                extras[k] = np.asarray(split[k])
+        ids = split.get("id")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = from_arrays(
+                    features,
+                    split[label_key],
+                    task,
+                    layout="NTC",
+                    lengths=lengths or None,
+                    ids=None if ids is None else np.asarray(ids).reshape(-1),
+                    nonfinite=nonfinite,
+                    extras=extras,
+                )
+        except ValueError as err:
+            raise MMSAFormatError(f"{where}: {err}") from err
+        for w in caught:  # re-emit with the file and split named
+            warnings.warn(f"{where}: {w.message}", w.category, stacklevel=2)
+        out[s] = ds
+    return out

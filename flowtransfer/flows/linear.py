@@ -1,0 +1,147 @@
+r"""Channel mixing for ``(batch, channels, time)`` inputs: LU 1x1 convolution, permutation, flip.
+
+A coupling layer leaves half of the channels unchanged; mixing between couplings makes every channel
+transformed somewhere in the stack. All three layers act on channels only, identically at every time
+step, so each is one ``C x C`` matrix applied with a single batched matmul over ``(B, C, T)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from nflows.transforms.base import Transform
+from torch import Tensor, nn
+
+__all__ = ["InvertibleConv1x1", "ChannelPermutation", "ChannelFlip"]
+
+
+def _check_input(x: Tensor, channels: int, who: str) -> None:
+    if x.dim() != 3 or x.shape[1] != channels:
+        raise ValueError(f"{who}: expected input of shape (batch, {channels}, time), got {tuple(x.shape)}")
+
+
+class InvertibleConv1x1(Transform):
+    r"""Invertible 1x1 convolution over channels, LU-parametrised (Glow, Kingma & Dhariwal 2018).
+
+    .. math:: W = P L \big(U + \operatorname{diag}(\mathrm{sign} \odot e^{\mathbf{s}})\big),
+              \qquad y_{:,t} = W x_{:,t}, \qquad \log\lvert\det J\rvert = T \sum_i s_i
+
+    with a fixed permutation :math:`P`, a unit lower-triangular :math:`L`, a strictly upper
+    triangular :math:`U`, a fixed sign vector and a learnable log-magnitude :math:`\mathbf s` of the
+    diagonal. Initialised from the LU decomposition of a random orthogonal matrix.
+
+    The weight (and, for :meth:`inverse`, its inverse) is computed once per call, not per time step,
+    in float64 for float32 layers, so the round trip is accurate to float32 precision (see
+    :meth:`weight_inverse`).
+
+    Arguments:
+        channels: number of channels :math:`C`.
+        generator: optional random generator for the initial orthogonal matrix.
+
+    Shapes: ``(B, C, T) -> (B, C, T)``, log-det ``(B,)``.
+    """
+
+    def __init__(self, channels: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.channels = int(channels)
+        q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))
+        p, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        self.register_buffer("permutation", p.float())
+        self.register_buffer("sign", torch.sign(diag).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.register_buffer("eye", torch.eye(channels))
+        self.lower = nn.Parameter(torch.tril(lower, -1).float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_diag = nn.Parameter(torch.log(torch.abs(diag)).float())
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_diag))
+        return lower, upper
+
+    def _work_dtype(self) -> torch.dtype:
+        dt = self.lower.dtype
+        return torch.float64 if dt in (torch.float32, torch.float16, torch.bfloat16) else dt
+
+    def weight(self) -> Tensor:
+        """The ``(C, C)`` matrix :math:`W` (formed in float64, rounded once to the layer's dtype)."""
+        work = self._work_dtype()
+        lower, upper = self._factors()
+        w = self.permutation.to(work) @ (lower.to(work) @ upper.to(work))
+        return w.to(self.lower.dtype)
+
+    def weight_inverse(self) -> Tensor:
+        """The ``(C, C)`` matrix :math:`W^{-1}`, the inverse of the *rounded* :meth:`weight` actually
+        applied by :meth:`forward`, computed in float64 for lower-precision layers.
+
+        Inverting the rounded matrix (rather than the exact LU product) removes a mismatch of one
+        rounding per entry between the two directions; the round trip then only carries the
+        rounding of the two matrix products.
+        """
+        work = self._work_dtype()
+        w = self.weight().detach().to(work) if not torch.is_grad_enabled() else self.weight().to(work)
+        return torch.linalg.inv(w).to(self.lower.dtype)
+
+    def _logabsdet(self, x: Tensor) -> Tensor:
+        return (x.shape[2] * self.log_diag.sum()).expand(x.shape[0])
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(inputs, self.channels, "InvertibleConv1x1")
+        return torch.matmul(self.weight(), inputs), self._logabsdet(inputs)
+
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(inputs, self.channels, "InvertibleConv1x1.inverse")
+        return torch.matmul(self.weight_inverse(), inputs), -self._logabsdet(inputs)
+
+
+class ChannelPermutation(Transform):
+    """A fixed random permutation of channels (log-det 0).
+
+    Arguments:
+        channels: number of channels :math:`C`.
+        seed: seed of the permutation; ``None`` draws it from torch's global generator.
+            The permutation is a buffer, so it is saved and loaded with the model.
+    """
+
+    def __init__(self, channels: int, seed: int | None = None):
+        super().__init__()
+        self.channels = int(channels)
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(int(seed))
+        perm = torch.randperm(channels, generator=gen)
+        self.register_buffer("perm", perm)
+        self.register_buffer("inverse_perm", torch.argsort(perm))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(inputs, self.channels, "ChannelPermutation")
+        return inputs[:, self.perm], inputs.new_zeros(inputs.shape[0])
+
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(inputs, self.channels, "ChannelPermutation.inverse")
+        return inputs[:, self.inverse_perm], inputs.new_zeros(inputs.shape[0])
+
+
+class ChannelFlip(Transform):
+    """Reverse the channel order (log-det 0); its own inverse. Swaps the coupling halves."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = int(channels)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(inputs, self.channels, "ChannelFlip")
+        return inputs.flip(1), inputs.new_zeros(inputs.shape[0])
+
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(inputs, self.channels, "ChannelFlip.inverse")
+        return inputs.flip(1), inputs.new_zeros(inputs.shape[0])

@@ -1,0 +1,437 @@
+r"""DiCMoR: distribution-consistent modality recovery with class-conditional flows.
+
+Wang, Cui, Li, *Distribution-Consistent Modal Recovering for Incomplete Multimodal Learning*,
+ICCV 2023 (METHODS §1). Pipeline for a batch with a presence mask ``(B, M)``:
+
+1. **Extract.** Per modality, :class:`~flowtransfer.models.extractors.ModalityExtractors` maps
+   ``(B, C_m, T_m)`` to ``h_m`` of shape ``(B, d, T)``, one common width ``d`` and length ``T``
+   (absent slots are zeroed *before* the convolution, so NaN never enters).
+2. **Latents.** One :class:`~flowtransfer.flows.TemporalFlow` per modality, all sharing **one**
+   class-conditional prior :math:`\mathcal N(\mu_c, \operatorname{diag}\sigma_c^2)` (``self.prior``).
+   :math:`z_m = F_m(h_m)`. One forward pass per modality gives both the latent used for transfer and
+   the log-density used for the NLL.
+3. **Transfer.** A missing modality :math:`m` is recovered from each available source :math:`a` as
+   :math:`\hat h_{a\to m} = F_m^{-1}(F_a(h_a))`. For a target, the latents of every (sample, source)
+   pair are concatenated along the batch axis and inverted in **one** call of :math:`F_m^{-1}`.
+4. **Combine** the transfers of a sample's present sources (their number varies per sample):
+
+   * ``"mean"`` (paper variant): :math:`\tilde h_m = \frac1{|S_b|}\sum_{a\in S_b}\hat h_{a\to m}`,
+     averaged in feature space after the inverse (averaging latents instead would shrink their spread
+     below the prior's);
+   * ``"conv"`` (official variant): the released code concatenates the two transfers and fuses them
+     with a ``1x1`` convolution ``2d -> d``. Here the ``M - 1`` possible sources fill a fixed-size
+     stack (zeros for absent sources) read by a ``1x1`` convolution ``(M-1) d -> d``; samples with a
+     single source use that transfer as is (as the released code does). For ``M = 3`` this is
+     exactly the released rule.
+5. **Refine** with a per-modality RCAB-1D refiner: :math:`r_m = D_m(\tilde h_m)`.
+6. **Fuse** (MulT by default) the present :math:`h_m` and the refined :math:`r_m` of absent ones,
+   chosen per sample with ``torch.where`` on the mask, then a head predicts.
+
+**Losses** (training, :meth:`DiCMoR.loss`). The batch first loses modalities **per sample** with
+:func:`~flowtransfer.methods.base.simulate_missing` at ``train_missing_rate``. Then
+
+.. math:: \mathcal L = \mathcal L_{task} + \lambda_{nll}\sum_m \mathrm{bpd}_m + \lambda_{rec}\,\mathcal L_{rec},
+   \qquad \mathrm{bpd}_m = -\frac{1}{|P_m|}\sum_{b\in P_m}\frac{\log p_m(h_{m,b}\mid c_b)}{d\,T\,\ln 2}
+
+where :math:`P_m` are the samples whose modality :math:`m` is present **in the data** (the released
+code also scores samples it treats as missing; we never score features that do not exist) and
+:math:`c_b` is the class (the task's class, or for regression the 7-class rule of
+:func:`flowtransfer.labels.sentiment_classes`). :math:`\mathcal L_{rec}` is the MSE between
+:math:`r_m` and the stop-gradient real :math:`h_m` over the samples where :math:`m` exists in the data
+but was dropped by the simulation, averaged over the targets that have such samples.
+
+**Gradient paths.** The flows read ``h.detach()``: extractors learn only from the task loss through
+the fusion of present features, so they cannot shrink their features to inflate the flows'
+likelihood. ``paper``: the task and reconstruction losses also reach the flows through the transfer.
+``official``: transfers are detached before the combiner and refiner, so flows learn from the NLL
+only, and the bits/dim is clamped at 0 (``max(0, .)``, which stops the flows' gradient once the NLL
+per dimension turns negative; METHODS §1.6.5).
+
+**Variants** (see :mod:`flowtransfer.methods.presets`): ``paper`` (actnorm, LU 1x1 convolution,
+temporal couplings, kernel 3, soft-clamped scale) and ``official`` (couplings only, kernel 1, Glow's
+sigmoid scale: the first ``d/2`` channels of every recovered modality are an exact copy of the
+source's, METHODS §1.6.1 — the tests check this flaw).
+
+**Stages** (:meth:`DiCMoR.set_stage`): ``"complete"`` trains extractors, fusion and head on the
+batch as given (no simulation, no flow work); ``"recovery"`` freezes the extractors (as the released
+code does) and trains flows, prior, combiners, refiners, fusion and head under simulated missingness;
+``"joint"`` trains everything at once.
+
+Not done: text as token ids (``text_bert``) through a BERT encoder.
+
+Example::
+
+    model = build_method("dicmor", DatasetInfo.from_dataset(train), preset="small")
+    loss, parts = model.loss(batch)          # parts: task, nll, nll_<m>, rec, sim_missing_rate
+    y_hat = model.predict(batch)             # no labels read
+    rec = model.recover(batch)               # {m: (B, d, T)}, NaN rows where m is present
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowtransfer.data.dataset import Batch
+from flowtransfer.flows import ClassConditionalGaussian, TemporalFlow
+from flowtransfer.models.extractors import ModalityExtractors
+
+from .fusion_model import build_fusion_for, build_head_for, task_loss_for
+from .base import DatasetInfo, Method, prior_labels, register_method, simulate_missing
+from .presets import STAGES, DiCMoRConfig
+
+__all__ = ["DiCMoR", "Recovery"]
+
+_LOG2 = math.log(2.0)
+
+
+def build_refiner(d: int, hidden: int, blocks: int, reduction: int) -> nn.Module:
+    """The RCAB-1D refiner ``(R, d, T) -> (R, d, T)`` (1x1 conv d -> hidden, RCAB group, 1x1 conv back)."""
+    from flowtransfer.models.rcab import Refiner
+
+    return Refiner(d, hidden, blocks, reduction)
+
+
+class Recovery(dict):
+    """Per-target recovery of one batch: ``{m: (rows, combined, refined)}``.
+
+    ``rows`` ``(R,)`` int64 are the samples whose ``m`` was recovered; ``combined`` ``(R, d, T)`` the
+    combined transfers before the refiner; ``refined`` ``(R, d, T)`` after it.
+    """
+
+
+def _config_from(config: DiCMoRConfig | Mapping[str, Any] | str | None, preset: str | None,
+                 overrides: dict[str, Any]) -> DiCMoRConfig:
+    if isinstance(config, str):
+        if preset is not None:
+            raise ValueError("give the preset either as config= or as preset=, not both")
+        preset, config = config, None
+    if config is None:
+        return DiCMoRConfig.preset(preset or "mosi", **overrides)
+    if preset is not None:
+        raise ValueError("give either config= or preset=, not both")
+    if isinstance(config, Mapping):
+        config = DiCMoRConfig(**dict(config))
+    if not isinstance(config, DiCMoRConfig):
+        raise TypeError(f"config must be a DiCMoRConfig, a mapping or a preset name, got {type(config).__name__}")
+    return replace(config, **overrides) if overrides else config
+
+
+@register_method("dicmor")
+class DiCMoR(Method):
+    """DiCMoR over any ``M >= 2`` named modalities (see the module docstring).
+
+    Args:
+        info: the dataset's :class:`~flowtransfer.methods.base.DatasetInfo` (or a dataset).
+        config: a :class:`DiCMoRConfig`, its plain dict, or a preset name.
+        preset: a preset name (``"mosi"``, ``"mosei"``, ``"small"``), when ``config`` is not given.
+        **overrides: any :class:`DiCMoRConfig` field.
+
+    Attributes:
+        extractors, flows (``ModuleDict``), prior (the one shared prior), combiners, refiners,
+        fusion, head; ``stage``; ``generator`` (an optional ``torch.Generator`` for the simulated
+        missingness; ``None`` uses the global RNG).
+    """
+
+    name = "dicmor"
+
+    def __init__(
+        self,
+        info: DatasetInfo | Mapping[str, Any] | Any,
+        config: DiCMoRConfig | Mapping[str, Any] | str | None = None,
+        *,
+        preset: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__(info)
+        cfg = _config_from(config, preset, overrides)
+        self.config = cfg
+        self.name = "dicmor_official" if cfg.variant == "official" else "dicmor"
+        r = cfg.resolved()
+        self._r = r
+        mods = self.modalities
+        if len(mods) < 2:
+            raise ValueError(f"DiCMoR needs at least two modalities, got {list(mods)}")
+        for m in mods:
+            if not m.isidentifier():
+                raise ValueError(f"modality names must be identifiers (they name sub-modules), got {m!r}")
+        d = r.d
+        self.d = d
+        self.extractors = ModalityExtractors(self.info.input_dims, d, r.extractor_kernel, r.target_length)
+        self.prior = ClassConditionalGaussian(d, self.info.prior_classes)
+        official = r.variant == "official"
+        if official and r.flow_kernel == 1 and r.flow_scale == "sigmoid":
+            # the released flow: couplings only, pointwise networks, Glow's sigmoid scale
+            flows = {m: TemporalFlow.dicmor_official(d, r.flow_layers, r.flow_hidden, prior=self.prior) for m in mods}
+        else:
+            flows = {
+                m: TemporalFlow(d, r.flow_layers, r.flow_hidden, r.flow_kernel, actnorm=not official,
+                                mixing=None if official else "conv1x1", scale=r.flow_scale, prior=self.prior)
+                for m in mods
+            }
+        self.flows = nn.ModuleDict(flows)
+        self.combiners = nn.ModuleDict()
+        if r.combine == "conv" and len(mods) >= 3:
+            self.combiners.update({m: nn.Conv1d((len(mods) - 1) * d, d, 1) for m in mods})
+        self.refiners = nn.ModuleDict(
+            {m: build_refiner(d, r.refiner_hidden, r.refiner_blocks, r.refiner_reduction) for m in mods}
+        )
+        self.fusion = build_fusion_for(r, mods)
+        self.head = build_head_for(self.info, self.fusion.out_dim, r)
+        self._task_loss = task_loss_for(self.info.task)
+        self.generator: torch.Generator | None = None
+        self.stage = r.stage
+        self.set_stage(r.stage)
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return {"name": self.name, "dataset_info": self.info.to_dict(), "config": {"config": self.config.to_dict()}}
+
+    def _recovery_modules(self) -> list[nn.Module]:
+        return [self.flows, self.combiners, self.refiners]
+
+    def set_stage(self, stage: str) -> DiCMoR:
+        """Switch the training stage and the matching ``requires_grad`` flags (returns ``self``).
+
+        ``"complete"``: extractors, fusion, head train; flows, prior, combiners, refiners frozen.
+        ``"recovery"``: extractors frozen (and kept in eval mode); everything else trains.
+        ``"joint"``: everything trains.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self.stage = stage
+        train_ext = stage in ("complete", "joint")
+        train_rec = stage in ("recovery", "joint")
+        for p in self.extractors.parameters():
+            p.requires_grad_(train_ext)
+        for mod in self._recovery_modules():
+            for p in mod.parameters():
+                p.requires_grad_(train_rec)
+        for mod in (self.fusion, self.head):
+            for p in mod.parameters():
+                p.requires_grad_(True)
+        self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> DiCMoR:
+        super().train(mode)
+        if getattr(self, "stage", None) == "recovery":
+            self.extractors.eval()
+        return self
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Groups ``extractors``, ``flows`` (flows and the shared prior), ``recovery`` (combiners,
+        refiners) and ``fusion`` (fusion and head), each holding only trainable parameters."""
+        groups = [
+            ("extractors", list(self.extractors.parameters())),
+            ("flows", list(self.flows.parameters())),
+            ("recovery", list(self.combiners.parameters()) + list(self.refiners.parameters())),
+            ("fusion", list(self.fusion.parameters()) + list(self.head.parameters())),
+        ]
+        out = []
+        for name, params in groups:
+            params = [p for p in params if p.requires_grad]
+            if params:
+                out.append({"name": name, "params": params})
+        return out
+
+    # ------------------------------------------------------------------ building blocks
+    def _extract(self, batch: Batch) -> dict[str, Tensor]:
+        """``{m: (B, d, T)}``; absent slots are zero-filled before the extractor (never NaN)."""
+        self._check_batch(batch)
+        frozen = self.stage == "recovery"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            return self.extractors(batch.features, batch.mask)
+
+    def _latents(self, h: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """One forward pass per modality over its ``rows``: ``{m: (z (P, d, T), logabsdet (P,))}``."""
+        out = {}
+        for m, idx in rows.items():
+            if idx.numel():
+                out[m] = self.flows[m](h[m].detach().index_select(0, idx))
+        return out
+
+    def _recover(
+        self,
+        avail: Tensor,
+        latents: Mapping[str, Tensor],
+        latent_rows: Mapping[str, Tensor],
+        refine: bool = True,
+    ) -> Recovery:
+        """Recover every modality absent (``avail`` False) in some sample.
+
+        ``latents[a]`` holds :math:`F_a(h_a)` for the samples ``latent_rows[a]`` (a superset of the
+        samples where ``a`` is available and some target is missing).
+        """
+        b, n_mod = avail.shape
+        dev = avail.device
+        pos = {}
+        for a, rows in latent_rows.items():
+            p = torch.full((b,), -1, dtype=torch.long, device=dev)
+            p[rows] = torch.arange(rows.numel(), device=dev)
+            pos[a] = p
+        out = Recovery()
+        for j, m in enumerate(self.modalities):
+            missing = ~avail[:, j]
+            if not bool(missing.any()):
+                continue  # no flow work for a target nobody misses
+            tgt = missing.nonzero().squeeze(1)  # (R,)
+            slot_of = torch.full((b,), -1, dtype=torch.long, device=dev)
+            slot_of[tgt] = torch.arange(tgt.numel(), device=dev)
+            zs, owners, slots = [], [], []
+            for s, (k, a) in enumerate((k, a) for k, a in enumerate(self.modalities) if k != j):
+                rows = (missing & avail[:, k]).nonzero().squeeze(1)
+                if rows.numel():
+                    zs.append(latents[a].index_select(0, pos[a][rows]))
+                    owners.append(slot_of[rows])
+                    slots.append(torch.full_like(rows, s))
+            z = torch.cat(zs)
+            owner = torch.cat(owners)
+            slot = torch.cat(slots)
+            x = self.flows[m].from_latent(z)  # one inverse per target, all sources batched
+            if self._r.detach_transfer:
+                x = x.detach()
+            r = tgt.numel()
+            count = torch.bincount(owner, minlength=r).to(x.dtype)
+            combined = torch.zeros(r, self.d, x.shape[2], dtype=x.dtype, device=dev).index_add(0, owner, x)
+            combined = combined / count[:, None, None]
+            if m in self.combiners:
+                n_src = n_mod - 1
+                stack = torch.zeros(r, n_src, self.d, x.shape[2], dtype=x.dtype, device=dev)
+                stack = stack.index_put((owner, slot), x)
+                fused = self.combiners[m](stack.flatten(1, 2))
+                combined = torch.where((count > 1)[:, None, None], fused, combined)
+            refined = self.refiners[m](combined) if refine else combined
+            out[m] = (tgt, combined, refined)
+        return out
+
+    def _fuse(self, h: dict[str, Tensor], avail: Tensor, rec: Recovery) -> Tensor:
+        feats = {}
+        for j, m in enumerate(self.modalities):
+            if m in rec:
+                rows, _, refined = rec[m]
+                filled = torch.zeros_like(h[m]).index_copy(0, rows, refined.to(h[m].dtype))
+                feats[m] = torch.where(avail[:, j, None, None], h[m], filled)
+            else:
+                feats[m] = h[m]
+        return self.head(self.fusion(feats, None))
+
+    def _source_rows(self, avail: Tensor) -> dict[str, Tensor]:
+        """Rows where ``a`` is available and some other modality is missing (the only latents needed)."""
+        any_missing = ~avail.all(dim=1)
+        return {a: (avail[:, k] & any_missing).nonzero().squeeze(1) for k, a in enumerate(self.modalities)}
+
+    # ------------------------------------------------------------------ Method interface
+    def encode(self, batch: Batch) -> dict[str, Tensor]:
+        """Extracted real features ``{m: (B, d, T)}``, NaN in rows where ``m`` is absent."""
+        h = self._extract(batch)
+        nan = torch.full((), float("nan"))
+        return {m: torch.where(batch.mask[:, j, None, None], h[m], nan.to(h[m])) for j, m in enumerate(self.modalities)}
+
+    def recover(self, batch: Batch, refine: bool = True) -> dict[str, Tensor]:
+        """Recovered features ``{m: (B, d, T)}`` for every modality absent in some sample.
+
+        Rows where ``m`` is present hold NaN. ``refine=False`` returns the combined transfers before
+        the refiner (for the official variant's identity-half check). Never reads labels.
+        """
+        h = self._extract(batch)
+        avail = batch.mask
+        rows = self._source_rows(avail)
+        lat = {m: zl[0] for m, zl in self._latents(h, rows).items()}
+        rec = self._recover(avail, lat, rows, refine=refine)
+        out = {}
+        for m, (tgt, combined, refined) in rec.items():
+            full = torch.full_like(h[m], float("nan"))
+            out[m] = full.index_copy(0, tgt, (refined if refine else combined).to(full.dtype))
+        return out
+
+    def transfer(self, h: Tensor, src: str, dst: str) -> Tensor:
+        """Feature-space transfer ``F_dst^{-1}(F_src(h))`` of ``(B, d, T)`` features (no refiner)."""
+        for name in (src, dst):
+            if name not in self.flows:
+                raise KeyError(f"unknown modality {name!r}; known: {list(self.modalities)}")
+        return self.flows[dst].from_latent(self.flows[src].to_latent(h))
+
+    def predict(self, batch: Batch) -> Tensor:
+        """``(B,)`` regression outputs or ``(B, K)`` logits; absent modalities are recovered."""
+        h = self._extract(batch)
+        avail = batch.mask
+        rec = Recovery()
+        if not bool(avail.all()):
+            rows = self._source_rows(avail)
+            lat = {m: zl[0] for m, zl in self._latents(h, rows).items()}
+            rec = self._recover(avail, lat, rows)
+        return self._fuse(h, avail, rec)
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Training loss under the current stage; parts: ``loss``, ``task``, ``nll``, ``nll_<m>``,
+        ``rec``, ``sim_missing_rate``."""
+        self._check_batch(batch)
+        target = batch.labels
+        if self.stage == "complete":
+            h = self._extract(batch)
+            pred = self.head(self.fusion(h, batch.mask))
+            task = self._task_loss(pred, target)
+            return task, {"loss": float(task.detach()), "task": float(task.detach())}
+
+        h = self._extract(batch)
+        data = batch.mask
+        sim = simulate_missing(batch, rate=self._r.train_missing_rate, generator=self.generator).mask
+        y = prior_labels(batch, self.info).to(data.device)
+
+        # one flow forward per modality over the samples where it exists: NLL and latents together
+        rows = {m: data[:, j].nonzero().squeeze(1) for j, m in enumerate(self.modalities)}
+        fwd = self._latents(h, rows)
+        nll_parts: dict[str, Tensor] = {}
+        for m, (z, logdet) in fwd.items():
+            t = z.shape[2]
+            logp = self.prior.log_prob(z, y.index_select(0, rows[m])) + logdet
+            bpd = -logp.mean() / (self.d * t * _LOG2)
+            if self._r.clamp_bpd:
+                bpd = torch.clamp(bpd, min=0.0)
+            nll_parts[m] = bpd
+        nll = torch.stack(list(nll_parts.values())).sum()
+
+        rec = self._recover(sim, {m: zl[0] for m, zl in fwd.items()}, rows)
+        rec_terms = []
+        for j, m in enumerate(self.modalities):
+            if m not in rec:
+                continue
+            tgt, _, refined = rec[m]
+            known = data[tgt, j]  # dropped by the simulation but present in the data
+            if bool(known.any()):
+                sel = known.nonzero().squeeze(1)
+                real = h[m].detach().index_select(0, tgt.index_select(0, sel))
+                rec_terms.append(torch.mean((refined.index_select(0, sel) - real) ** 2))
+        rec_loss = torch.stack(rec_terms).mean() if rec_terms else nll.new_zeros(())
+
+        pred = self._fuse(h, sim, rec)
+        task = self._task_loss(pred, target)
+        total = task + self._r.nll_weight * nll + self._r.rec_weight * rec_loss
+        parts = {
+            "loss": float(total.detach()),
+            "task": float(task.detach()),
+            "nll": float(nll.detach()),
+            "rec": float(rec_loss.detach()),
+            "sim_missing_rate": float(1.0 - sim.float().mean()),
+        }
+        parts.update({f"nll_{m}": float(v.detach()) for m, v in nll_parts.items()})
+        return total, parts
+
+
+
+@register_method("dicmor_official")
+def _dicmor_official(info: Any, config: Any = None, *, preset: str | None = None, **overrides: Any) -> DiCMoR:
+    """DiCMoR as released: ``variant="official"`` (any ``variant`` given is overridden)."""
+    overrides["variant"] = "official"
+    return DiCMoR(info, config, preset=preset, **overrides)

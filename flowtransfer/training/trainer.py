@@ -1,0 +1,725 @@
+"""The one training engine every method uses.
+
+A method is an ``nn.Module`` with ``loss(batch) -> (scalar Tensor, dict[str, float])`` and
+``predict(batch) -> Tensor`` (see ``docs/ARCHITECTURE.md``). :class:`Trainer` runs, per epoch::
+
+    method.on_epoch_start(epoch, trainer)            # optional hook
+    for batch in shuffled(train):                    # seeded per epoch; sharded under DDP
+        loss, parts = method.loss(batch)             # through DDP's forward when world_size > 1
+        loss.backward(); clip; optimizer.step()
+    score = validation[config.monitor]               # validation data only
+    scheduler.step(score)                            # ReduceLROnPlateau
+    keep the best weights; count epochs without improvement; checkpoint
+
+and, when training ends (epochs exhausted or early stop), loads the best epoch's weights back into
+the method. :meth:`Trainer.fit` takes a training and a validation dataset and nothing else: the
+test split never reaches the trainer, so it cannot influence model selection.
+
+Optional method hooks (called only if the method defines them):
+
+- ``on_epoch_start(epoch: int, trainer: Trainer) -> None``: before each epoch (0-based), e.g. to
+  change a loss weight or a curriculum (``trainer.history`` holds the past epochs). State that must survive a resume belongs in buffers or
+  parameters (they are checkpointed).
+- ``prepare(train_dataset) -> None``: once at the start of :meth:`Trainer.fit` (seeded with
+  ``config.seed``, before a resume restores the checkpoint), for training-set statistics such as
+  fill means or k-means priors. Under DDP rank 0's result is broadcast to every rank.
+- ``parameter_groups() -> list[dict]``: optimiser parameter groups (``{"params": [...], "lr": ...}``);
+  keys a group omits take the :class:`TrainConfig` values (``lr``, ``weight_decay``). Parameters in
+  no group are not trained. Default: every parameter in one group.
+
+Checkpoints (``config.checkpoint_dir``): ``last.pt`` after every epoch and ``best.pt`` on each
+improvement, written atomically (:func:`flowtransfer.io.atomic_save`), holding the model, optimiser
+and scheduler states, the epoch, best score and epoch, patience counter, history, RNG states (per
+rank) and the config as a plain dict; ``last.pt`` also holds the best weights so far. With
+``resume=True`` a new trainer continues from ``last.pt`` and ends with the same weights as an
+uninterrupted run: each epoch's shuffle comes from a generator seeded by ``(seed, epoch)`` and the
+global RNG states are restored.
+
+Multi-process (``torchrun``, see :mod:`flowtransfer.training.distributed`): the method is wrapped
+in ``DistributedDataParallel`` through a small module whose ``forward`` calls ``method.loss`` (so
+DDP's gradient all-reduce fires); a seeded ``DistributedSampler`` (``set_epoch`` every epoch) shards
+the training set; every rank evaluates the whole validation set with the same weights and all
+decisions (best epoch, schedule, early stop) use rank 0's score, broadcast; only rank 0 writes
+files. DDP registers the parameters that require gradients when the trainer is built: freeze or
+unfreeze modules before constructing the trainer (a new stage is a new trainer).
+
+A trainer runs one ``fit``; a second training stage is a new :class:`Trainer` with its own config
+(and its own ``checkpoint_dir``).
+
+Example::
+
+    trainer = Trainer(method, TrainConfig(epochs=30, lr=1e-3, monitor="mae", checkpoint_dir="ckpt"))
+    result = trainer.fit(train_ds, valid_ds)
+    result.best_epoch, result.best_score, result.history[-1]["valid/mae"]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import BatchSampler, DistributedSampler
+
+from flowtransfer.io import atomic_save, safe_load
+from flowtransfer.training.distributed import (
+    DistributedContext,
+    all_gather_objects,
+    broadcast_object,
+    current_context,
+    weighted_means,
+)
+from flowtransfer.training.evaluation import evaluate, evaluate_loss
+from flowtransfer.training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
+
+__all__ = ["TrainConfig", "FitResult", "Trainer", "CHECKPOINT_FORMAT", "load_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+#: the ``format`` field of trainer checkpoints
+CHECKPOINT_FORMAT = "flowtransfer.trainer/1"
+
+#: monitored quantities that improve downwards (besides anything starting with "loss")
+_MIN_METRICS = frozenset({"mae", "mse", "rmse", "nll", "bpd"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trainer does, typed.
+
+    Attributes:
+        epochs: maximum number of epochs.
+        batch_size: training batch size (per process under DDP).
+        lr: learning rate.
+        weight_decay: passed to the optimiser (L2 for ``adam``/``sgd``, decoupled for ``adamw``).
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
+        momentum, nesterov: ``sgd`` only.
+        grad_clip_norm: clip the global gradient 2-norm to this value; None disables.
+        grad_clip_value: clip each gradient entry to ``[-v, v]`` (released DiCMoR uses 0.6); None
+            disables. Applied before ``grad_clip_norm`` when both are set.
+        lr_plateau_factor: multiply the learning rate by this when the monitored score stalls.
+        lr_plateau_patience: epochs without improvement before reducing; None disables the schedule.
+        min_lr: lower bound of the schedule.
+        early_stop_patience: stop after this many epochs without improvement; None disables.
+        monitor: the validation quantity for model selection, schedule and early stopping:
+            ``"loss"`` (the mean of ``method.loss`` over the validation set), ``"loss/<part>"``
+            (one logged part of it), or a metric key of :func:`~flowtransfer.training.evaluate`
+            (``"mae"``, ``"acc2_non0"``, ``"acc"``, ...).
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (``min`` for losses, ``mae`` and the like; ``max``
+            otherwise).
+        min_delta: an improvement must beat the best score by more than this.
+        seed: seeds Python, NumPy and torch at the start of :meth:`Trainer.fit` and each epoch's
+            shuffle.
+        checkpoint_dir: folder for ``last.pt``/``best.pt``; None writes nothing.
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        progress: tqdm bars (shown only on a terminal, on rank 0).
+        max_steps_per_epoch: cut each epoch after this many batches (quick runs); None = all.
+        drop_last: drop the last incomplete training batch.
+        eval_batch_size: batch size for validation.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA (this rank's device) if
+            available, else CPU.
+        find_unused_parameters: DDP option; keep True when some parameters get no gradient in
+            some steps (for example the flow of a modality absent from a batch).
+    """
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    grad_clip_norm: float | None = None
+    grad_clip_value: float | None = None
+    lr_plateau_factor: float = 0.5
+    lr_plateau_patience: int | None = 5
+    min_lr: float = 0.0
+    early_stop_patience: int | None = 10
+    monitor: str = "loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    min_delta: float = 0.0
+    seed: int = 1111
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+    max_steps_per_epoch: int | None = None
+    drop_last: bool = False
+    eval_batch_size: int = 256
+    device: str | None = None
+    find_unused_parameters: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            low = 0 if allow_zero else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
+
+        positive_int("epochs")
+        positive_int("batch_size")
+        positive_int("eval_batch_size")
+        positive_int("lr_plateau_patience", allow_none=True, allow_zero=True)
+        positive_int("early_stop_patience", allow_none=True)
+        positive_int("max_steps_per_epoch", allow_none=True)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"TrainConfig.optimizer must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
+        for name in ("grad_clip_norm", "grad_clip_value"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0 or None, got {value!r}")
+        if not 0 < self.lr_plateau_factor < 1:
+            raise ValueError(f"TrainConfig.lr_plateau_factor must lie in (0, 1), got {self.lr_plateau_factor!r}")
+        if self.mode not in ("auto", "min", "max"):
+            raise ValueError(f"TrainConfig.mode must be 'auto', 'min' or 'max', got {self.mode!r}")
+        if self.min_delta < 0:
+            raise ValueError(f"TrainConfig.min_delta must be >= 0, got {self.min_delta!r}")
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise ValueError(f"TrainConfig.monitor must be a non-empty string, got {self.monitor!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"TrainConfig.seed must be an int, got {self.seed!r}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("TrainConfig.resume=True needs a checkpoint_dir to resume from")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+
+    @property
+    def resolved_mode(self) -> Literal["min", "max"]:
+        """``mode`` with ``"auto"`` resolved from ``monitor``."""
+        if self.mode != "auto":
+            return self.mode
+        if self.monitor.startswith("loss") or self.monitor in _MIN_METRICS:
+            return "min"
+        return "max"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data copy (for checkpoints and result files)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        best_epoch: 0-based epoch whose weights the method holds at the end.
+        best_score: the monitored validation score at that epoch.
+        monitor, mode: what was monitored and in which direction.
+        history: one flat dict per epoch: ``epoch``, ``lr`` (during the epoch), ``seconds``,
+            ``score``, ``improved``, ``train/loss``, ``train/loss/<part>``, ``train/grad_norm``
+            (mean global gradient 2-norm before norm clipping), ``valid/<metric>``, and
+            ``valid/loss`` (+ parts) when the monitor is a loss.
+        stopped_early: True if early stopping ended training.
+        epochs_run: epochs completed (over all resumed runs).
+        train_seconds: wall time summed over epochs (over all resumed runs).
+    """
+
+    best_epoch: int
+    best_score: float
+    monitor: str
+    mode: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+
+
+class _LossModule(nn.Module):
+    """Wraps a method so that DDP's ``forward`` (and so its gradient hooks) run ``method.loss``."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        return self.method.loss(batch)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a trainer checkpoint safely (``weights_only``) and check its format."""
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a trainer checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+class Trainer:
+    """Train one method with one :class:`TrainConfig`; see the module docstring.
+
+    Args:
+        method: an ``nn.Module`` with ``loss(batch)`` and ``predict(batch)``.
+        config: training settings (defaults if None).
+        context: the distributed context; default :func:`current_context` (single process unless
+            :func:`~flowtransfer.training.init_distributed` has joined a process group).
+
+    Attributes:
+        optimizer, scheduler: built at construction (scheduler None if disabled).
+        epoch: epochs completed; best_score, best_epoch, bad_epochs, history: selection state.
+    """
+
+    def __init__(
+        self, method: nn.Module, config: TrainConfig | None = None, *, context: DistributedContext | None = None
+    ) -> None:
+        if not isinstance(method, nn.Module):
+            raise TypeError(f"method must be an nn.Module, got {type(method).__name__}")
+        for name in ("loss", "predict"):
+            if not callable(getattr(method, name, None)):
+                raise TypeError(f"{type(method).__name__} has no {name}(batch) method; see docs/ARCHITECTURE.md")
+        self.method = method
+        self.config = config if config is not None else TrainConfig()
+        self.context = context if context is not None else current_context()
+        self.mode = self.config.resolved_mode
+        self.device = self._resolve_device()
+        self.method.to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.scheduler: ReduceLROnPlateau | None = None
+        if self.config.lr_plateau_patience is not None:
+            self.scheduler = ReduceLROnPlateau(
+                self.optimizer,
+                mode=self.mode,
+                factor=self.config.lr_plateau_factor,
+                patience=self.config.lr_plateau_patience,
+                threshold=self.config.min_delta,
+                threshold_mode="abs",
+                min_lr=self.config.min_lr,
+            )
+        self._loss_module: nn.Module | None = None
+        if self.context.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._loss_module = DistributedDataParallel(
+                _LossModule(self.method),
+                device_ids=ids,
+                find_unused_parameters=self.config.find_unused_parameters,
+            )
+        self.epoch = 0
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, Tensor] | None = None
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.history: list[dict[str, Any]] = []
+        #: the datasets of the running :meth:`fit` (for hooks); None before it
+        self.train_dataset: Any = None
+        self.valid_dataset: Any = None
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def _resolve_device(self) -> torch.device:
+        if self.config.device is not None:
+            device = torch.device(self.config.device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", self.context.local_rank if self.context.is_distributed else 0)
+            return device
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.context.local_rank if self.context.is_distributed else 0)
+        return torch.device("cpu")
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        hook = getattr(self.method, "parameter_groups", None)
+        if hook is None:
+            return [{"params": [p for p in self.method.parameters()]}]
+        groups = [dict(g) for g in hook()]
+        seen: set[int] = set()
+        owned = {id(p) for p in self.method.parameters()}
+        for i, group in enumerate(groups):
+            if "params" not in group:
+                raise ValueError(f"parameter_groups()[{i}] has no 'params' entry")
+            params = list(group["params"])
+            for p in params:
+                if id(p) not in owned:
+                    raise ValueError(f"parameter_groups()[{i}] holds a tensor that is not a parameter of the method")
+                if id(p) in seen:
+                    raise ValueError(f"parameter_groups(): a parameter appears in more than one group (group {i})")
+                seen.add(id(p))
+            group["params"] = params
+        left = sum(p.numel() for p in self.method.parameters() if id(p) not in seen)
+        if left:
+            logger.info("%d parameter values are in no parameter group and will not be trained", left)
+        return groups
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        groups = self._parameter_groups()
+        if not any(len(g["params"]) for g in groups):
+            raise ValueError(f"{type(self.method).__name__} has no parameters to optimise")
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov
+        )
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (rank 0)."""
+        return self.context.is_main
+
+    @property
+    def lr(self) -> float:
+        """Current learning rate of the first parameter group."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------------------------ data
+
+    def _train_batches(self, dataset: Any, epoch: int) -> tuple[Iterator[Any], int]:
+        """This rank's training batches for ``epoch`` and how many there are."""
+        cfg = self.config
+        n = len(dataset)
+        if self.context.is_distributed:
+            sampler = DistributedSampler(
+                range(n),
+                num_replicas=self.context.world_size,
+                rank=self.context.rank,
+                shuffle=True,
+                seed=cfg.seed,
+                drop_last=cfg.drop_last,
+            )
+            sampler.set_epoch(epoch)
+            chunks = BatchSampler(sampler, batch_size=cfg.batch_size, drop_last=cfg.drop_last)
+            batches: Iterator[Any] = (dataset.batch(idx) for idx in chunks)
+            count = len(chunks)
+        else:
+            loader = dataset.loader(
+                cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, epoch), drop_last=cfg.drop_last
+            )
+            batches, count = iter(loader), len(loader)
+        if cfg.max_steps_per_epoch is not None:
+            count = min(count, cfg.max_steps_per_epoch)
+        return batches, count
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def _clip(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.config.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.config.grad_clip_value)
+        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm)
+
+    def train_epoch(self, dataset: Any, epoch: int) -> dict[str, float]:
+        """One pass over (this rank's share of) ``dataset``; returns sample-weighted mean losses.
+
+        Keys: ``loss``, ``loss/<part>`` and ``grad_norm``, averaged over ranks under DDP.
+
+        Raises:
+            FloatingPointError: a non-finite training loss (for example a method that read a NaN
+                slot of a missing modality).
+        """
+        batches, count = self._train_batches(dataset, epoch)
+        self.method.train()
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+
+        def add(key: str, value: float, weight: int) -> None:
+            sums[key] = sums.get(key, 0.0) + value * weight
+            counts[key] = counts.get(key, 0.0) + weight
+
+        seen = 0
+        bar = self._bar(count, f"epoch {epoch + 1}/{self.config.epochs}", leave=False)
+        try:
+            for step, batch in enumerate(batches):
+                if step >= count:
+                    break
+                batch = batch.to(self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self._loss_module is not None:
+                    loss, parts = self._loss_module(batch)  # DDP forward: gradient hooks armed
+                else:
+                    loss, parts = self.method.loss(batch)
+                if not isinstance(loss, Tensor) or loss.dim() != 0:
+                    shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                    raise TypeError(f"{type(self.method).__name__}.loss must return a scalar Tensor, got {shape}")
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"training loss is {value} at epoch {epoch}, step {step} of {type(self.method).__name__}; "
+                        "absent modalities hold NaN, so a method that reads one without consulting batch.mask "
+                        "produces this (or the optimisation diverged: lower lr or clip gradients)"
+                    )
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        f"{type(self.method).__name__}.loss returned a tensor without gradient: "
+                        "no trainable parameter contributes to it"
+                    )
+                loss.backward()
+                grad_norm = self._clip()
+                self.optimizer.step()
+                b = len(batch.labels)
+                seen += b
+                add("loss", value, b)
+                add("grad_norm", grad_norm, b)
+                for key, part in parts.items():
+                    if key != "loss":  # the total is logged already
+                        add(f"loss/{key}", float(part), b)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}")
+        finally:
+            if bar is not None:
+                bar.close()
+        if seen == 0:
+            raise ValueError(
+                f"epoch {epoch}: no training batches (n={len(dataset)}, batch_size={self.config.batch_size}, "
+                f"drop_last={self.config.drop_last})"
+            )
+        return weighted_means(sums, counts)
+
+    def validate(self, dataset: Any) -> dict[str, float]:
+        """Validation metrics (and validation loss when the monitor is a loss), no gradients.
+
+        Every rank evaluates the whole validation set with identical weights; the score used for
+        decisions is then taken from rank 0 (see :meth:`fit`).
+        """
+        record: dict[str, float] = {}
+        if self.config.monitor.startswith("loss"):
+            record.update(evaluate_loss(self.method, dataset, self.config.eval_batch_size, self.device))
+        record.update(evaluate(self.method, dataset, self.config.eval_batch_size, self.device))
+        return record
+
+    def _bar(self, total: int, desc: str, leave: bool, initial: int = 0) -> Any:
+        """A tqdm bar on rank 0 when ``config.progress`` and stderr is a terminal, else None."""
+        if not (self.config.progress and self.is_main and sys.stderr.isatty()):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True)
+
+    def _improved(self, score: float) -> bool:
+        if math.isnan(score):
+            return False
+        if self.best_score is None:
+            return True
+        delta = self.config.min_delta
+        if self.mode == "min":
+            return score < self.best_score - delta
+        return score > self.best_score + delta
+
+    # ------------------------------------------------------------------------------------ fit
+
+    def fit(self, train_dataset: Any, valid_dataset: Any) -> FitResult:
+        """Train, select on ``valid_dataset``, and leave the method holding the best weights.
+
+        Args:
+            train_dataset: a :class:`~flowtransfer.data.MultimodalDataset` (with its training
+                missing-modality mask, if any).
+            valid_dataset: the validation split, the only data model selection sees.
+
+        Returns:
+            A :class:`FitResult`.
+        """
+        if valid_dataset is None:
+            raise ValueError("fit needs a validation dataset: model selection uses the validation split only")
+        if train_dataset is valid_dataset:
+            raise ValueError("train_dataset and valid_dataset are the same object; select on held-out data")
+        for name, ds in (("train_dataset", train_dataset), ("valid_dataset", valid_dataset)):
+            if not hasattr(ds, "task") or not hasattr(ds, "loader"):
+                raise TypeError(f"{name} must be a MultimodalDataset, got {type(ds).__name__}")
+        if train_dataset.task != valid_dataset.task:
+            raise ValueError(f"task mismatch: train is {train_dataset.task!r}, valid is {valid_dataset.task!r}")
+
+        cfg = self.config
+        self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
+        # the same seed on every rank for prepare(), so that it computes the same statistics
+        seed_everything(cfg.seed)
+        prepare = getattr(self.method, "prepare", None)
+        if prepare is not None:
+            prepare(train_dataset)
+            self._sync_from_rank0()
+        if self.context.rank > 0:
+            seed_everything(derive_seed(cfg.seed, self.context.rank))  # e.g. distinct dropout per rank
+        if cfg.resume:
+            self._resume()  # restores weights, optimiser, counters and every RNG state
+
+        epoch_bar = self._bar(cfg.epochs, "train", leave=True, initial=self.epoch)
+        try:
+            self._run_epochs(train_dataset, valid_dataset, epoch_bar)
+        finally:
+            if epoch_bar is not None:
+                epoch_bar.close()
+        if self.best_state is None:
+            raise RuntimeError(
+                f"no epoch produced a usable validation score for {cfg.monitor!r} (every score was NaN)"
+                if self.history else "nothing to train: epochs already completed and no best weights were saved"
+            )
+        self.method.load_state_dict(self.best_state)
+        assert self.best_epoch is not None and self.best_score is not None
+        return FitResult(
+            best_epoch=self.best_epoch,
+            best_score=self.best_score,
+            monitor=cfg.monitor,
+            mode=self.mode,
+            history=list(self.history),
+            stopped_early=self.stopped_early,
+            epochs_run=self.epoch,
+            train_seconds=float(sum(r["seconds"] for r in self.history)),
+        )
+
+    def _sync_from_rank0(self) -> None:
+        """Copy rank 0's parameters and buffers to every rank (after ``prepare``)."""
+        if not self.context.is_distributed:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in self.method.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def _run_epochs(self, train_dataset: Any, valid_dataset: Any, epoch_bar: Any) -> None:
+        cfg = self.config
+        while self.epoch < cfg.epochs and not self.stopped_early:
+            epoch = self.epoch
+            hook = getattr(self.method, "on_epoch_start", None)
+            if hook is not None:
+                hook(epoch, self)
+            start = time.perf_counter()
+            lr = self.lr
+            train_record = self.train_epoch(train_dataset, epoch)
+            valid_record = self.validate(valid_dataset)
+            if cfg.monitor not in valid_record:
+                raise ValueError(
+                    f"monitor {cfg.monitor!r} is not among the validation quantities {sorted(valid_record)}"
+                )
+            score = float(broadcast_object(float(valid_record[cfg.monitor])))
+            improved = self._improved(score)
+            if improved:
+                self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+                self.best_state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+            else:
+                self.bad_epochs += 1
+            if self.scheduler is not None and math.isfinite(score):
+                self.scheduler.step(score)
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+            record.update({f"train/{k}": v for k, v in train_record.items()})
+            record.update({f"valid/{k}": v for k, v in valid_record.items()})
+            record.update({"score": score, "improved": improved, "seconds": time.perf_counter() - start})
+            self.history.append(record)
+            self.epoch = epoch + 1
+            patience = cfg.early_stop_patience
+            self.stopped_early = patience is not None and self.bad_epochs >= patience and self.epoch < cfg.epochs
+            self._checkpoint(improved)
+            best = math.nan if self.best_score is None else self.best_score
+            if self.is_main:
+                logger.info(
+                    "epoch %d/%d  train loss %.4f  valid %s %.4f (best %.4f)%s  lr %.2e  %.1fs",
+                    epoch + 1, cfg.epochs, train_record["loss"], cfg.monitor, score, best,
+                    " *" if improved else "", lr, record["seconds"],
+                )
+            if epoch_bar is not None:
+                epoch_bar.update(1)
+                epoch_bar.set_postfix({cfg.monitor: f"{score:.4f}", "best": f"{best:.4f}"})
+            if self.stopped_early and self.is_main:
+                logger.info("early stop after epoch %d: %d epochs without improvement", epoch + 1, self.bad_epochs)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """``config.checkpoint_dir`` as a path, or None."""
+        return None if self.config.checkpoint_dir is None else Path(self.config.checkpoint_dir)
+
+    def state_dict(self, include_best: bool = True) -> dict[str, Any]:
+        """Everything needed to continue training (plain data and tensors only).
+
+        Collective under DDP (gathers every rank's RNG state): call it on every rank.
+        """
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "method": type(self.method).__name__,
+            "epoch": self.epoch,
+            "state_dict": {k: v.detach().cpu() for k, v in self.method.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+            "history": [dict(r) for r in self.history],
+            "world_size": self.context.world_size,
+            "rng": all_gather_objects(rng_state()),
+        }
+        if include_best:
+            state["best_state_dict"] = (
+                None if self.best_state is None else {k: v.detach().cpu() for k, v in self.best_state.items()}
+            )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (weights, optimiser, scheduler, counters, RNG states)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a trainer checkpoint (format {state.get('format')!r})")
+        if state.get("method") != type(self.method).__name__:
+            raise ValueError(
+                f"checkpoint was written for method {state.get('method')!r}, not {type(self.method).__name__!r}"
+            )
+        self.method.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.best_score = state["best_score"]
+        self.best_epoch = state["best_epoch"]
+        self.bad_epochs = int(state["bad_epochs"])
+        self.stopped_early = bool(state["stopped_early"])
+        self.history = [dict(r) for r in state["history"]]
+        best = state.get("best_state_dict")
+        self.best_state = None if best is None else {k: v.to(self.device) for k, v in best.items()}
+        rngs = state.get("rng") or []
+        if len(rngs) == self.context.world_size:
+            set_rng_state(rngs[self.context.rank])
+        else:
+            logger.warning(
+                "checkpoint holds RNG states for %d process(es), this run has %d: reseeding per epoch; "
+                "results will not match an uninterrupted run exactly", len(rngs), self.context.world_size,
+            )
+            seed_everything(derive_seed(self.config.seed, self.context.rank, self.epoch))
+
+    def _resume(self) -> bool:
+        path = self.checkpoint_dir / "last.pt"  # type: ignore[operator]
+        if not path.is_file():
+            logger.info("resume: %s not found, starting from scratch", path)
+            return False
+        self.load_state_dict(load_checkpoint(path))
+        logger.info("resumed from %s after epoch %d", path, self.epoch)
+        return True
+
+    def _checkpoint(self, improved: bool) -> None:
+        if self.checkpoint_dir is None:
+            return
+        state = self.state_dict(include_best=True)  # collective: every rank takes part
+        if not self.is_main:
+            return
+        if improved:
+            best = {k: v for k, v in state.items() if k != "best_state_dict"}
+            atomic_save(best, self.checkpoint_dir / "best.pt")
+        atomic_save(state, self.checkpoint_dir / "last.pt")

@@ -1,0 +1,450 @@
+"""The shared trainer on a toy method: learning, selection, schedule, clipping, checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import flowtransfer.io
+from flowtransfer.data.dataset import from_arrays
+from flowtransfer.io import safe_load
+from flowtransfer.training import (
+    NonFinitePredictionError,
+    Trainer,
+    TrainConfig,
+    evaluate,
+    evaluate_loss,
+    predict_dataset,
+    seed_everything,
+)
+from flowtransfer.training.seeding import derive_seed, make_generator, rng_state, set_rng_state
+from flowtransfer.training.trainer import load_checkpoint
+
+DIMS = {"A": (3, 4), "V": (2, 5)}  # modality -> (channels, time)
+
+
+def make_data(n: int, seed: int, task: str = "regression", num_classes: int = 3, mask=None):
+    rng = np.random.default_rng(seed)
+    feats = {m: rng.normal(size=(n, c, t)).astype(np.float32) for m, (c, t) in DIMS.items()}
+    score = feats["A"].mean(-1) @ np.array([1.5, -1.0, 0.5]) + feats["V"].mean(-1) @ np.array([0.8, 0.4])
+    if task == "regression":
+        labels = (score + 0.05 * rng.normal(size=n)).astype(np.float32)
+        return from_arrays(feats, labels, task, layout="NCT", mask=mask)
+    edges = np.quantile(score, np.linspace(0, 1, num_classes + 1)[1:-1])
+    labels = np.digitize(score, edges)
+    return from_arrays(feats, labels, task, layout="NCT", num_classes=num_classes, mask=mask)
+
+
+class PooledLinear(nn.Module):
+    """Linear model on time-averaged, zero-filled features (a minimal Method)."""
+
+    def __init__(self, task: str = "regression", num_classes: int = 3, dropout: float = 0.0, fill: bool = True):
+        super().__init__()
+        self.task = task
+        out = 1 if task == "regression" else num_classes
+        self.proj = nn.ModuleDict({m: nn.Linear(c, out) for m, (c, _) in DIMS.items()})
+        self.dropout = nn.Dropout(dropout)
+        self.fill = fill
+
+    def predict(self, batch):
+        feats = batch.filled(0.0).features if self.fill else batch.features
+        out = sum(self.proj[m](self.dropout(feats[m].mean(-1))) for m in DIMS)
+        return out.squeeze(-1) if self.task == "regression" else out
+
+    def loss(self, batch):
+        out = self.predict(batch)
+        if self.task == "regression":
+            loss = nn.functional.mse_loss(out, batch.labels)
+        else:
+            loss = nn.functional.cross_entropy(out, batch.labels)
+        return loss, {"task": float(loss.detach())}
+
+
+class Scripted(PooledLinear):
+    """Trains normally, but its validation MAE follows ``script`` (valid labels are all zero)."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = list(script)
+        self.register_buffer("epoch_seen", torch.tensor(0))
+
+    def on_epoch_start(self, epoch, trainer):
+        self.epoch_seen.fill_(epoch)
+
+    def predict(self, batch):
+        out = super().predict(batch)
+        if self.training:
+            return out
+        return torch.zeros_like(out) + self.script[int(self.epoch_seen)]
+
+
+def zero_label_valid(n: int = 16, seed: int = 7):
+    ds = make_data(n, seed)
+    return from_arrays({m: ds.features[m] for m in ds.modalities}, np.zeros(n, np.float32), "regression", layout="NCT")
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+QUIET = dict(progress=False, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_and_valid_metrics_recorded():
+    train, valid = make_data(96, 0), make_data(48, 1)
+    seed_everything(0)
+    method = PooledLinear()
+    result = Trainer(method, TrainConfig(epochs=5, batch_size=16, lr=0.1, **QUIET)).fit(train, valid)
+    losses = [r["train/loss"] for r in result.history]
+    assert losses[-1] < 0.2 * losses[0]
+    assert result.history[-1]["valid/loss"] < result.history[0]["valid/loss"]
+    for key in ("valid/mae", "valid/acc2_non0", "valid/corr", "train/loss/task", "valid/loss/task", "lr", "seconds"):
+        assert key in result.history[0]
+    assert result.history[-1]["valid/corr"] > 0.9
+    assert result.monitor == "loss" and result.mode == "min"
+    assert result.train_seconds == pytest.approx(sum(r["seconds"] for r in result.history))
+    # evaluate() agrees with the recorded validation metrics of the best epoch
+    scores = evaluate(method, valid, batch_size=7)
+    assert scores["mae"] == pytest.approx(result.history[result.best_epoch]["valid/mae"], rel=1e-6)
+
+
+def test_classification_monitor_accuracy_maximised():
+    train, valid = make_data(90, 0, "classification"), make_data(45, 1, "classification")
+    seed_everything(0)
+    method = PooledLinear("classification")
+    cfg = TrainConfig(epochs=5, batch_size=15, lr=0.1, monitor="acc", **QUIET)
+    result = Trainer(method, cfg).fit(train, valid)
+    assert result.mode == "max"
+    accs = [r["valid/acc"] for r in result.history]
+    assert result.best_score == max(accs)
+    assert result.best_epoch == accs.index(max(accs))
+    assert "valid/loss" not in result.history[0]  # loss pass only when monitoring a loss
+    assert result.best_score > 0.6
+
+
+def test_early_stopping_plateau_lr_and_best_restored(tmp_path):
+    # validation MAE per epoch: best at epoch 1, then worse and worse
+    script = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1]
+    train, valid = make_data(64, 0), zero_label_valid()
+    seed_everything(0)
+    method = Scripted(script)
+    cfg = TrainConfig(
+        epochs=8, batch_size=16, lr=0.01, monitor="mae", early_stop_patience=3,
+        lr_plateau_patience=1, lr_plateau_factor=0.5, checkpoint_dir=str(tmp_path), **QUIET,
+    )
+    result = Trainer(method, cfg).fit(train, valid)
+    assert result.mode == "min"
+    assert [r["valid/mae"] for r in result.history] == pytest.approx(script[:5])
+    assert result.best_epoch == 1 and result.best_score == pytest.approx(0.5)
+    assert result.stopped_early and result.epochs_run == 5  # 3 bad epochs after epoch 1
+    assert [r["improved"] for r in result.history] == [True, True, False, False, False]
+    # ReduceLROnPlateau(patience 1): reduced after the 2nd bad epoch (epoch 3), seen from epoch 4
+    assert [r["lr"] for r in result.history] == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.005])
+    # the method holds the best epoch's weights: equal to best.pt, different from last.pt
+    best = load_checkpoint(tmp_path / "best.pt")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert best["epoch"] == 2 and best["best_epoch"] == 1  # epochs completed when written
+    assert_same(params_of(method), best["state_dict"])
+    assert not torch.equal(method.proj["A"].weight, last["state_dict"]["proj.A.weight"])
+    assert_same(best["state_dict"], last["best_state_dict"])
+    assert last["epoch"] == 5 and last["bad_epochs"] == 3 and last["stopped_early"]
+    assert isinstance(last["config"], dict) and last["config"]["monitor"] == "mae"
+    assert set(last["rng"][0]) >= {"python", "numpy", "torch"}
+
+
+def test_selection_uses_validation_only():
+    params = list(inspect.signature(Trainer.fit).parameters)
+    assert params == ["self", "train_dataset", "valid_dataset"]
+    train = make_data(32, 0)
+    method = PooledLinear()
+    trainer = Trainer(method, TrainConfig(epochs=1, **QUIET))
+    with pytest.raises(ValueError, match="validation"):
+        trainer.fit(train, None)
+    with pytest.raises(ValueError, match="same object"):
+        trainer.fit(train, train)
+    # the selected epoch is the validation optimum, whatever the training loss does
+    script = [0.9, 0.8, 0.3, 0.7]
+    result = Trainer(Scripted(script), TrainConfig(epochs=4, monitor="mae", early_stop_patience=None, **QUIET)).fit(
+        make_data(32, 0), zero_label_valid()
+    )
+    assert result.best_epoch == 2
+
+
+def test_unknown_monitor_is_named():
+    method = PooledLinear()
+    with pytest.raises(ValueError, match="monitor 'accuracy'.*mae"):
+        Trainer(method, TrainConfig(epochs=1, monitor="accuracy", **QUIET)).fit(make_data(16, 0), make_data(8, 1))
+
+
+def test_grad_clip_norm_is_applied():
+    train, valid = make_data(32, 0), make_data(8, 1)
+    method = PooledLinear()
+    before = torch.cat([p.detach().flatten().clone() for p in method.parameters()])
+    cfg = TrainConfig(
+        epochs=1, batch_size=32, lr=1.0, optimizer="sgd", momentum=0.0, grad_clip_norm=1e-3,
+        max_steps_per_epoch=1, **QUIET,
+    )
+    result = Trainer(method, cfg).fit(train, valid)
+    after = torch.cat([p.detach().flatten() for p in method.parameters()])
+    assert result.history[0]["train/grad_norm"] > 1e-2  # the raw gradient was larger
+    assert torch.linalg.vector_norm(after - before).item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_grad_clip_value_is_applied():
+    method = PooledLinear()
+    before = [p.detach().clone() for p in method.parameters()]
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1.0, optimizer="sgd", momentum=0.0, grad_clip_value=1e-3,
+                      max_steps_per_epoch=1, **QUIET)
+    Trainer(method, cfg).fit(make_data(32, 0), make_data(8, 1))
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(method.parameters(), before)])
+    assert step.abs().max().item() == pytest.approx(1e-3, rel=1e-4)
+
+
+class WithIdle(PooledLinear):
+    """A parameter that gets an exactly-zero gradient: only weight decay can move it."""
+
+    def __init__(self):
+        super().__init__()
+        self.idle = nn.Parameter(torch.full((4,), 2.0))
+
+    def loss(self, batch):
+        loss, parts = super().loss(batch)
+        return loss + 0.0 * self.idle.sum(), parts
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_weight_decay_reaches_optimiser(optimizer):
+    method = WithIdle()
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, weight_decay=0.1, optimizer=optimizer, momentum=0.0,
+                      max_steps_per_epoch=3, lr_plateau_patience=None, **QUIET)
+    trainer = Trainer(method, cfg)
+    assert all(g["weight_decay"] == 0.1 for g in trainer.optimizer.param_groups)
+    trainer.fit(make_data(32, 0), make_data(8, 1))
+    idle = method.idle.detach()
+    if optimizer in ("adamw", "sgd"):  # decoupled decay / plain L2 under SGD: p <- p (1 - lr wd) per step
+        assert torch.allclose(idle, torch.full((4,), 2.0 * (1 - 0.01 * 0.1) ** 3))
+    else:  # Adam's L2 term is the whole gradient: the normalised step moves p by ~lr toward 0
+        assert torch.allclose(idle, torch.full((4,), 2.0 - 3 * 0.01), atol=1e-4)
+    # without weight decay the idle parameter stays put
+    method = WithIdle()
+    Trainer(method, TrainConfig(epochs=1, batch_size=8, optimizer=optimizer, max_steps_per_epoch=3, **QUIET)).fit(
+        make_data(32, 0), make_data(8, 1)
+    )
+    assert torch.equal(method.idle.detach(), torch.full((4,), 2.0))
+
+
+class Grouped(PooledLinear):
+    def parameter_groups(self):
+        return [{"params": list(self.proj["A"].parameters()), "lr": 0.5}, {"params": list(self.proj["V"].parameters())}]
+
+
+def test_parameter_groups_hook():
+    trainer = Trainer(Grouped(), TrainConfig(lr=0.01, weight_decay=0.2, **QUIET))
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [0.5, 0.01]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.2]
+
+
+def run_dropout(tmp_path: Path, epochs: int, resume: bool, init_seed: int = 3):
+    torch.manual_seed(init_seed)
+    method = PooledLinear(dropout=0.3)
+    cfg = TrainConfig(epochs=epochs, batch_size=12, lr=0.3, lr_plateau_patience=0, early_stop_patience=None,
+                      seed=5, checkpoint_dir=str(tmp_path), resume=resume, **QUIET)
+    result = Trainer(method, cfg).fit(make_data(60, 0), make_data(24, 1))
+    return method, result
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    straight, r_straight = run_dropout(tmp_path / "straight", 6, resume=False)
+    run_dropout(tmp_path / "split", 3, resume=False)
+    # a different initialisation: resume must overwrite it with the checkpoint
+    resumed, r_resumed = run_dropout(tmp_path / "split", 6, resume=True, init_seed=99)
+    assert_same(params_of(straight), params_of(resumed))
+    assert r_straight.best_epoch == r_resumed.best_epoch and r_resumed.epochs_run == 6
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(r_straight.history) == strip(r_resumed.history)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert_same(a["state_dict"], b["state_dict"])  # current (not only best) weights agree
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    # the schedule acted right after the resume point (epoch 3 runs at a reduced lr), which only
+    # happens if the scheduler's best score and counter were carried across the resume
+    lrs = [r["lr"] for r in r_straight.history]
+    assert lrs[3] < lrs[2] and not r_straight.history[3]["improved"]
+
+
+def test_resume_after_completion_trains_nothing_more(tmp_path):
+    method, first = run_dropout(tmp_path, 2, resume=False)
+    again, second = run_dropout(tmp_path, 2, resume=True, init_seed=42)
+    assert second.epochs_run == 2 and len(second.history) == 2
+    assert_same(params_of(method), params_of(again))
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    run_dropout(tmp_path, 1, resume=False)
+    before = {p: (tmp_path / p).read_bytes() for p in ("last.pt", "best.pt")}
+
+    def killed(fd):
+        raise KeyboardInterrupt("simulated kill during checkpoint write")
+
+    monkeypatch.setattr(flowtransfer.io.os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_dropout(tmp_path, 3, resume=True)
+    monkeypatch.undo()
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temp files left behind
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    # and training resumes from the intact file to the same end as an uninterrupted run
+    resumed, _ = run_dropout(tmp_path, 3, resume=True)
+    straight, _ = run_dropout(tmp_path / "ref", 3, resume=False)
+    assert_same(params_of(resumed), params_of(straight))
+
+
+def test_checkpoint_is_plain_data(tmp_path):
+    run_dropout(tmp_path, 1, resume=False)
+    state = safe_load(tmp_path / "last.pt")  # weights_only=True accepts it
+    assert state["format"] == "flowtransfer.trainer/1"
+    flowtransfer.io.atomic_save({"format": "other"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a trainer checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+
+
+def test_nan_from_missing_modality_is_caught():
+    n = 24
+    mask = np.ones((n, 2), dtype=bool)
+    mask[::3, 1] = False  # V missing for every third sample
+    ds = make_data(n, 0, mask=mask)
+    leaky = PooledLinear(fill=False)  # reads NaN slots without consulting the mask
+    with pytest.raises(NonFinitePredictionError, match=r"8 of 24 samples.*batch.mask"):
+        predict_dataset(leaky, ds)
+    with pytest.raises(FloatingPointError, match="batch.mask"):
+        Trainer(leaky, TrainConfig(epochs=1, **QUIET)).fit(ds, make_data(8, 1))
+    pred, target = predict_dataset(PooledLinear(fill=True), ds, batch_size=5)
+    assert pred.shape == (n,) and np.isfinite(pred).all()
+    np.testing.assert_array_equal(target, ds.labels)
+
+
+def test_predict_dataset_checks_shapes_and_restores_mode():
+    ds = make_data(10, 0, "classification", num_classes=3)
+    method = PooledLinear("classification", num_classes=3)
+    method.train()
+    pred, target = predict_dataset(method, ds, batch_size=4)
+    assert pred.shape == (10, 3) and target.dtype == np.int64 and method.training
+    assert set(evaluate(method, ds)) >= {"acc", "f1_macro", "f1_weighted"}
+    wrong = PooledLinear("classification", num_classes=4)
+    with pytest.raises(ValueError, match=r"logits must have shape \(4, 3\)"):
+        predict_dataset(wrong, ds, batch_size=4)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="resume"):
+        TrainConfig(resume=True)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        TrainConfig(grad_clip_norm=0.0)
+    assert TrainConfig(monitor="acc2_non0").resolved_mode == "max"
+    assert TrainConfig(monitor="loss/task").resolved_mode == "min"
+    cfg = TrainConfig(epochs=3, checkpoint_dir=Path("x"))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_seeding_helpers():
+    seed_everything(11)
+    a = (np.random.rand(), torch.rand(2), __import__("random").random())
+    state = rng_state()
+    b = (np.random.rand(), torch.rand(2), __import__("random").random())
+    set_rng_state(state)
+    c = (np.random.rand(), torch.rand(2), __import__("random").random())
+    assert b[0] == c[0] and torch.equal(b[1], c[1]) and b[2] == c[2]
+    seed_everything(11)
+    assert a[0] == np.random.rand()
+    g1, g2 = make_generator(5, 1), make_generator(5, 1)
+    assert torch.equal(torch.randperm(10, generator=g1), torch.randperm(10, generator=g2))
+    assert derive_seed(5, 0) != derive_seed(5, 1) and 0 <= derive_seed(5, 3) < 2**63
+    with pytest.raises(TypeError):
+        seed_everything(1.5)
+
+
+class SometimesLogged(PooledLinear):
+    """Logs an extra part only for batches whose first sample index is even."""
+
+    def loss(self, batch):
+        loss, parts = super().loss(batch)
+        if int(batch.index[0]) % 2 == 0:
+            parts["extra"] = 1.0
+        return loss, parts
+
+
+def test_evaluate_loss_weights_by_samples():
+    ds = make_data(23, 0)
+    method = PooledLinear()
+    whole = evaluate_loss(method, ds, batch_size=64)
+    assert evaluate_loss(method, ds, batch_size=5)["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    with torch.no_grad():
+        direct = nn.functional.mse_loss(method.predict(ds.full_batch()), ds.full_batch().labels).item()
+    assert whole["loss"] == pytest.approx(direct, rel=1e-6)
+    # a part some batches do not log is averaged over the batches that do, not diluted
+    assert evaluate_loss(SometimesLogged(), ds, batch_size=4)["loss/extra"] == pytest.approx(1.0)
+
+
+def test_progress_bars_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    cfg = TrainConfig(epochs=2, batch_size=8, progress=True, device="cpu")
+    Trainer(PooledLinear(), cfg).fit(make_data(16, 0), make_data(8, 1))
+    err = capsys.readouterr().err
+    assert "train" in err and "2/2" in err
+    cfg = TrainConfig(epochs=1, batch_size=8, progress=False, device="cpu")
+    Trainer(PooledLinear(), cfg).fit(make_data(16, 0), make_data(8, 1))
+    assert capsys.readouterr().err == ""
+
+
+class Prepared(PooledLinear):
+    """Learns a residual around a training-set statistic computed in ``prepare``."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("label_mean", torch.tensor(float("nan")))
+        self.calls = []
+
+    def prepare(self, dataset):
+        self.calls.append(dataset)
+        self.label_mean.fill_(float(np.mean(dataset.labels)) + 0.0 * torch.rand(()).item())
+        self.draw = torch.rand(()).item()  # global RNG inside prepare is seeded with config.seed
+
+    def on_epoch_start(self, epoch, trainer):
+        assert trainer.train_dataset is self.calls[0]
+
+    def predict(self, batch):
+        return super().predict(batch) + self.label_mean
+
+    def loss(self, batch):
+        loss, parts = super().loss(batch)
+        parts["loss"] = float(loss.detach())  # the total, as methods.base documents it
+        return loss, parts
+
+
+def test_prepare_hook_runs_once_seeded_before_training():
+    train, valid = make_data(32, 0), make_data(8, 1)
+    a, b = Prepared(), Prepared()
+    result = Trainer(a, TrainConfig(epochs=2, seed=9, **QUIET)).fit(train, valid)
+    Trainer(b, TrainConfig(epochs=1, seed=9, **QUIET)).fit(train, valid)
+    assert len(a.calls) == 1 and a.calls[0] is train
+    assert a.label_mean.item() == pytest.approx(float(np.mean(train.labels)))
+    assert a.draw == b.draw  # seeded with config.seed
+    assert "train/loss/loss" not in result.history[0] and "train/loss/task" in result.history[0]
