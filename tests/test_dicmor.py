@@ -355,6 +355,12 @@ def test_loss_parts_reported():
     w = model.config
     assert parts["loss"] == pytest.approx(parts["task"] + w.nll_weight * parts["nll"] + w.rec_weight * parts["rec"],
                                           rel=1e-5, abs=1e-6)
+    # validation: in eval mode the simulated missingness is seeded by the batch, so losses repeat
+    model.eval()
+    b = ds.batch(np.arange(len(ds)))
+    with torch.no_grad():
+        first, second = model.loss(b)[1], model.loss(b)[1]
+    assert first == second and first["sim_missing_rate"] > 0
 
 
 def test_rec_loss_uses_only_dropped_but_known_samples():

@@ -402,3 +402,31 @@ def test_tiny_mult_overfits_sixteen_samples():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_fast_dropout_statistics():
+    from flowtransfer.models.mult import _dropout
+
+    torch.manual_seed(13)
+    x = torch.ones(400_000, dtype=torch.float64)
+    assert _dropout(x, 0.3, training=False) is x and _dropout(x, 0.0, training=True) is x
+    y = _dropout(x, 0.3, training=True)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.7) < 4e-3  # about 5 standard deviations
+    k = round(32768 * 0.3)
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 32768 / (32768 - k)))
+
+
+@pytest.mark.parametrize("causal", ["none", "is_causal", "mask"])
+def test_attention_dropout_path_matches_fused_kernel(causal):
+    from flowtransfer.models.mult import _attention, _causal_mask
+
+    torch.manual_seed(14)
+    tk = 5 if causal != "mask" else 7
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, tk, 4), torch.randn(2, 3, tk, 4)
+    mask = _causal_mask(5, 7, q.device) if causal == "mask" else None
+    is_causal = causal == "is_causal"
+    # p below 1/32768 rounds to no drop, but still takes the explicit softmax path
+    manual = _attention(q, k, v, mask, is_causal, p=1e-9, training=True)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    torch.testing.assert_close(manual, fused)

@@ -288,11 +288,16 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert lrs[3] < lrs[2] and not r_straight.history[3]["improved"]
 
 
-def test_resume_after_completion_trains_nothing_more(tmp_path):
+def test_resume_after_completion_trains_nothing_more(tmp_path, caplog):
     method, first = run_dropout(tmp_path, 2, resume=False)
     again, second = run_dropout(tmp_path, 2, resume=True, init_seed=42)
     assert second.epochs_run == 2 and len(second.history) == 2
     assert_same(params_of(method), params_of(again))
+    # resuming under different settings is allowed but said out loud
+    cfg = TrainConfig(epochs=3, lr=0.01, checkpoint_dir=str(tmp_path), resume=True, **QUIET)
+    with caplog.at_level("WARNING", logger="flowtransfer.training.trainer"):
+        Trainer(PooledLinear(dropout=0.3), cfg).fit(make_data(60, 0), make_data(24, 1))
+    assert "changed settings" in caplog.text and "'lr': (0.3, 0.01)" in caplog.text
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):

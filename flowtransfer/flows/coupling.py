@@ -51,8 +51,13 @@ def coupling_network(
     last = nn.Conv1d(hidden, out_channels, 1)
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
+    # "same" padding: (k - 1) // 2 zeros before and k // 2 after, so T is kept for any T >= 1
+    # (explicit, so even kernels need no padded copy inside the convolution)
+    pad = ((kernel_size - 1) // 2, kernel_size // 2)
+    first: list[nn.Module] = [nn.ConstantPad1d(pad, 0.0)] if pad[0] != pad[1] else []
+    first.append(nn.Conv1d(in_channels, hidden, kernel_size, padding=pad[0] if pad[0] == pad[1] else 0))
     return nn.Sequential(
-        nn.Conv1d(in_channels, hidden, kernel_size, padding="same"),
+        *first,
         act(),
         nn.Conv1d(hidden, hidden, 1),
         act(),

@@ -216,6 +216,23 @@ class Method(nn.Module, abc.ABC):
         """Plain data: ``build_method(h["name"], h["dataset_info"], **h["config"])`` rebuilds this method."""
         return {"name": self.name, "dataset_info": self.info.to_dict(), "config": {}}
 
+    # ------------------------------------------------------------------ shared helpers
+    #: seed base of the simulated missingness when ``loss`` runs in eval mode (validation)
+    EVAL_SIMULATION_SEED = 20231001
+
+    def simulation_generator(self, batch: Batch) -> torch.Generator | None:
+        """Generator for :func:`simulate_missing` inside ``loss``.
+
+        ``self.generator`` when set (attribute, default ``None``); in training mode otherwise the
+        global RNG (``None``); in **eval mode** a generator seeded from the batch's first sample id,
+        so a validation loss is the same number at every epoch and comparable across epochs.
+        """
+        gen = getattr(self, "generator", None)
+        if gen is not None or self.training:
+            return gen
+        first = int(batch.index[0]) if batch.index is not None and batch.index.numel() else 0
+        return torch.Generator(device=batch.mask.device).manual_seed(self.EVAL_SIMULATION_SEED + first)
+
     # ------------------------------------------------------------------ shared checks
     def _check_batch(self, batch: Batch) -> None:
         """Clear errors for a batch that does not match this method's modalities and widths."""
@@ -277,12 +294,24 @@ def build_method(name: str, dataset_info: DatasetInfo | Mapping[str, Any] | Any,
     return METHODS[name](DatasetInfo.coerce(dataset_info), **config)
 
 
+#: modules of this package that register methods when imported (absent ones are skipped)
+BUILTIN_METHOD_MODULES = ("fusion_model", "dicmor", "simple", "smil", "mmanet", "cyin")
+
+
 def _import_builtin_methods() -> None:
-    """Import the modules that register the built-in methods (lazily, to avoid import cycles)."""
+    """Import the modules that register the built-in methods (lazily, to avoid import cycles).
+
+    A module that does not exist is skipped; an error raised *inside* an existing module propagates.
+    """
     import importlib
 
-    for mod in ("fusion_model", "dicmor"):
-        importlib.import_module(f"flowtransfer.methods.{mod}")
+    for mod in BUILTIN_METHOD_MODULES:
+        name = f"flowtransfer.methods.{mod}"
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -210,6 +210,8 @@ class DiCMoR(Method):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
         self.stage = stage
+        if self.config.stage != stage:  # so that hparams rebuild the model in its current stage
+            self.config = replace(self.config, stage=stage)
         train_ext = stage in ("complete", "joint")
         train_rec = stage in ("recovery", "joint")
         for p in self.extractors.parameters():
@@ -386,7 +388,8 @@ class DiCMoR(Method):
 
         h = self._extract(batch)
         data = batch.mask
-        sim = simulate_missing(batch, rate=self._r.train_missing_rate, generator=self.generator).mask
+        gen = self.simulation_generator(batch)  # deterministic in eval mode (validation losses)
+        sim = simulate_missing(batch, rate=self._r.train_missing_rate, generator=gen).mask
         y = prior_labels(batch, self.info).to(data.device)
 
         # one flow forward per modality over the samples where it exists: NLL and latents together

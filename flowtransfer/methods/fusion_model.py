@@ -200,7 +200,8 @@ class FusionModel(Method):
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Task loss on the (optionally modality-dropped, then filled) batch."""
         if self.config.train_missing_rate is not None:
-            batch = simulate_missing(batch, rate=self.config.train_missing_rate, generator=self.generator)
+            gen = self.simulation_generator(batch)
+            batch = simulate_missing(batch, rate=self.config.train_missing_rate, generator=gen)
         task = self._task_loss(self._forward(batch), batch.labels)
         value = float(task.detach())
         return task, {"loss": value, "task": value}

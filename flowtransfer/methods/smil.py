@@ -40,7 +40,7 @@ Departures from the paper and the released code (METHODS.md §4.3):
   :math:`\hat x^\star = \sum_k w_k M_k / \sum_k w_k` (no sampling, no :math:`\omega` KL).
 * **Priors in the input space** of :math:`m^\star`, fixed before training; the released code clusters
   a pre-trained sound network's features. The input space keeps the priors valid while the
-  extractors train. ``prepare(train_dataset)`` must run before training (the runner calls it).
+  extractors train. ``prepare(train_dataset)`` must run before training (the trainer calls it).
 * **Outer loss on** :math:`\mathcal D^f`: the mean of the task loss with the real :math:`m^\star`
   and with the reconstructed one (the paper's Eq. 7 on :math:`\mathcal D^f` leaves :math:`\phi_c`
   without a first-order gradient; the released code uses the reconstructed path plus
@@ -347,13 +347,6 @@ class SMIL(Method):
     def prepare(self, dataset: Any) -> None:
         """Called once with the training set before training: fits the modality priors."""
         self.fit_priors(dataset)
-
-    def on_epoch_start(self, epoch: int, trainer: Any) -> None:
-        """Fits the priors from ``trainer.train_dataset`` if :meth:`prepare` was not called."""
-        if not bool(self.reconstructor.fitted):
-            ds = getattr(trainer, "train_dataset", None)
-            if ds is not None:
-                self.fit_priors(ds)
 
     # ------------------------------------------------------------------ forward pieces
     def _context(self, params: dict[str, Tensor] | None, batch: Batch, present: Tensor) -> Tensor:

@@ -22,7 +22,10 @@ kept; the ``M`` vectors are concatenated: output ``(B, M (M-1) d)`` ordered targ
 **Efficiency.** The parameters of all directions are stacked (``(P, d_in, d_out)`` tensors) and all
 directions with the same lengths run as one batched matmul per projection, one
 ``scaled_dot_product_attention`` call per layer; the sinusoidal table and causal masks are cached
-by length; dropouts with ``p = 0`` (or in eval mode) are skipped; there is no loop over samples.
+by length; dropouts with ``p = 0`` (or in eval mode) are skipped and the others draw one ``int16``
+per element (see :func:`_dropout`); there is no loop over samples.
+With ``pool="last"`` the memory transformers' last layer computes its queries, output projection
+and feed-forward for the last step only (the other steps of that layer are never read).
 
 **Where this departs from DiCMoR's copy** (``trains/subNets/transformers_encoder``, METHODS §2.3):
 
@@ -64,9 +67,40 @@ from torch import Tensor, nn
 __all__ = ["MulTConfig", "MulT", "sinusoidal_positions", "StackedTransformer"]
 
 
+_DROP_LEVELS = 32768  # int16 random_() draws uniformly from {0, ..., 32767}
+
+
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Dropout that costs nothing when it would do nothing."""
-    return F.dropout(x, p, True) if (training and p > 0) else x
+    r"""Inverted dropout that costs nothing when it would do nothing (``p = 0`` or eval mode).
+
+    The mask comes from one random ``int16`` per element (about twice as fast on CPU as
+    ``F.dropout``'s float Bernoulli draws): an element is kept when its draw is
+    :math:`\ge k = \mathrm{round}(32768\,p)`, so the drop probability is :math:`k/32768`
+    (within :math:`1.6\cdot10^{-5}` of ``p``), and kept elements are scaled by
+    :math:`32768/(32768-k)`, which keeps the expectation exact.
+    """
+    if not training or p <= 0:
+        return x
+    k = round(_DROP_LEVELS * p)
+    if k == 0:
+        return x
+    draws = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_()
+    return x * ((draws >= k).to(x.dtype) * (_DROP_LEVELS / (_DROP_LEVELS - k)))
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, p: float,
+               training: bool) -> Tensor:
+    """Multi-head attention on ``(N, H, T, e)`` tensors. Without attention dropout this is
+    ``scaled_dot_product_attention`` (the fused CPU kernel); with it, softmax then :func:`_dropout`
+    (the fused kernel has no dropout on CPU, and its math fallback adds masking checks)."""
+    if not training or p <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(_dropout(scores.softmax(dim=-1), p, training), v)
 
 
 _PE_CACHE: dict[tuple, Tensor] = {}
@@ -165,28 +199,36 @@ class _StackedLayer(nn.Module):
         relu_p: float,
         res_p: float,
         causal: bool,
+        last_only: bool = False,
     ) -> Tensor:
-        # x: (P, B*Tq, d); source: (P, B*Tk, d) for cross-attention
+        # x: (P, B*Tq, d); source: (P, B*Tk, d) for cross-attention. With last_only, only the last
+        # query step is computed (keys/values still span every step): output (P, B, d).
         batch, tq, tk = shape
+        d = x.shape[-1]
         h = self.ln_q(x, idx)
+        if last_only:
+            x = x.view(x.shape[0], batch, tq, d)[:, :, -1]
         if self.cross:
-            q = self.q(h, idx)
+            q = self.q(h.view(h.shape[0], batch, tq, d)[:, :, -1] if last_only else h, idx)
             k, v = self.kv(self.ln_kv(source, idx), idx).chunk(2, dim=-1)
+        elif last_only:
+            w, b = (self.qkv.weight, self.qkv.bias) if idx is None else (self.qkv.weight[idx], self.qkv.bias[idx])
+            q = torch.baddbmm(b[..., :d], h.view(h.shape[0], batch, tq, d)[:, :, -1], w[..., :d])
+            k, v = torch.baddbmm(b[..., d:], h, w[..., d:]).chunk(2, dim=-1)
         else:
             q, k, v = self.qkv(h, idx).chunk(3, dim=-1)
+        n_q = 1 if last_only else tq
         # 4-D (P*B, H, T, e) inputs reach the fused CPU kernel; 5-D ones fall back to the math path
-        q = rearrange(q, "p (b t) (h e) -> (p b) h t e", b=batch, h=self.heads)
+        q = rearrange(q, "p (b t) (h e) -> (p b) h t e", b=batch, h=self.heads, t=n_q)
         k = rearrange(k, "p (b t) (h e) -> (p b) h t e", b=batch, h=self.heads)
         v = rearrange(v, "p (b t) (h e) -> (p b) h t e", b=batch, h=self.heads)
         mask, is_causal = None, False
-        if causal:
+        if causal and not last_only:  # the last query step sees every key step anyway
             if tq == tk:
                 is_causal = True
             else:
                 mask = _causal_mask(tq, tk, x.device)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn_p if self.training else 0.0, is_causal=is_causal
-        )
+        a = _attention(q, k, v, mask, is_causal, attn_p, self.training)
         a = rearrange(a, "(p b) h t e -> p (b t) (h e)", b=batch)
         x = x + _dropout(self.out(a, idx), res_p, self.training)
         h = _dropout(F.relu(self.ff1(self.ln_ff(x, idx), idx)), relu_p, self.training)
@@ -199,7 +241,9 @@ class StackedTransformer(nn.Module):
     ``forward(x, source=None, idx=None, ...)`` takes ``x`` of shape ``(P, B, T_q, dim)`` (and, for
     cross-attention, ``source`` ``(P, B, T_k, dim)``, the fixed keys/values of every layer) and
     returns ``(P, B, T_q, dim)`` after a final LayerNorm. ``idx`` (``(P,)`` long) selects which of the
-    ``streams`` parameter sets to use; ``None`` means all, in order.
+    ``streams`` parameter sets to use; ``None`` means all, in order. ``last_only=True`` returns only
+    the last step, ``(P, B, 1, dim)``, and computes the last layer's queries, output projection and
+    feed-forward for that step alone (exact: no other step of the last layer reaches it).
     """
 
     def __init__(self, streams: int, dim: int, heads: int, layers: int, cross: bool) -> None:
@@ -219,6 +263,7 @@ class StackedTransformer(nn.Module):
         relu_p: float = 0.0,
         res_p: float = 0.0,
         causal: bool = False,
+        last_only: bool = False,
     ) -> Tensor:
         p, b, tq, d = x.shape
         if self.cross:
@@ -229,9 +274,12 @@ class StackedTransformer(nn.Module):
         else:
             tk = tq
         h = x.reshape(p, b * tq, d)
-        for layer in self.layers:
-            h = layer(h, source, (b, tq, tk), idx, attn_p, relu_p, res_p, causal)
-        return self.ln_out(h, idx).view(p, b, tq, d)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, source, (b, tq, tk), idx, attn_p, relu_p, res_p, causal, last_only and i == n - 1)
+        if last_only and n == 0:
+            h = h.view(p, b, tq, d)[:, :, -1]
+        return self.ln_out(h, idx).view(p, b, 1 if last_only else tq, d)
 
 
 @dataclass
@@ -411,18 +459,19 @@ class MulT(nn.Module):
             for j, k in enumerate(ks):
                 streams[k] = h[j]
         m = len(self.modalities)
+        last = self.pool == "last"
         per_target = [torch.cat(streams[i * (m - 1):(i + 1) * (m - 1)], dim=-1) for i in range(m)]
         if aligned:
             mem = self.memory(torch.stack(per_target), None, None, self.attn_dropout,
-                              self.relu_dropout, self.res_dropout, self.causal)
-            pooled = mem[:, :, -1] if self.pool == "last" else mem.mean(dim=2)  # (M, B, (M-1)d)
+                              self.relu_dropout, self.res_dropout, self.causal, last)
+            pooled = mem[:, :, -1] if last else mem.mean(dim=2)  # (M, B, (M-1)d)
             rep = rearrange(pooled, "m b c -> b (m c)")
         else:
             parts = []
             for i, x in enumerate(per_target):
                 idx = torch.tensor([i], device=x.device)
                 mem = self.memory(x.unsqueeze(0), None, idx, self.attn_dropout,
-                                  self.relu_dropout, self.res_dropout, self.causal)[0]
-                parts.append(mem[:, -1] if self.pool == "last" else mem.mean(dim=1))
+                                  self.relu_dropout, self.res_dropout, self.causal, last)[0]
+                parts.append(mem[:, -1] if last else mem.mean(dim=1))
             rep = torch.cat(parts, dim=-1)
         return _dropout(rep, self.out_dropout, self.training)

@@ -709,7 +709,16 @@ class Trainer:
         if not path.is_file():
             logger.info("resume: %s not found, starting from scratch", path)
             return False
-        self.load_state_dict(load_checkpoint(path))
+        state = load_checkpoint(path)
+        ignored = {"epochs", "resume", "progress", "checkpoint_dir", "device", "eval_batch_size"}
+        saved = state.get("config", {})
+        changed = sorted(k for k, v in self.config.to_dict().items() if k not in ignored and saved.get(k, v) != v)
+        if changed:
+            logger.warning(
+                "resuming %s with changed settings %s: the run will differ from an uninterrupted one",
+                path, {k: (saved[k], getattr(self.config, k)) for k in changed},
+            )
+        self.load_state_dict(state)
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return True
 

@@ -1,0 +1,255 @@
+"""The main job: train methods, evaluate them under every missing-modality setting, write results.
+
+One run = one dataset x methods x seeds x settings. For each seed:
+
+1. the test masks of every setting (``mr=0.0 ... mr=0.7`` per-sample random masks and every fixed
+   pattern) are drawn once from the seed and saved to ``masks/seed<k>.npz``: every method sees the
+   same masks;
+2. each method is built from the registry (:func:`flowtransfer.methods.build_method`) and trained by
+   the one :class:`~flowtransfer.training.Trainer`, selecting on the **validation** split only:
+   complete validation data for models trained on complete data (``upper_bound``, ``zero_fill``,
+   ``mean_fill``), a fixed random mask at ``valid_missing_rate`` for methods that train under missing
+   modalities (``dicmor`` ...). Methods with stages (DiCMoR) train ``complete`` then ``recovery``;
+3. each trained model is evaluated on the test split under every setting: task metrics, and for
+   methods that recover features, the Fréchet distance between recovered and real features in the
+   method's own feature space, beside the same distance for zero and mean filling in that space.
+
+``upper_bound`` is only evaluated on complete test data (setting ``complete``): it is the ceiling
+that every row of a setting is read against.
+
+Outputs in ``out``: ``results.csv`` / ``results.json`` (one row per method, dataset, setting, seed),
+``summary.csv`` (mean ± std over seeds), ``table.txt``, ``masks/``, ``config.json``, and
+``curves.png`` (score against missing rate).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flowtransfer.data import MultimodalDataset, evaluation_settings, random_missing_mask
+from flowtransfer.data.missing import MissingSetting, save_masks
+from flowtransfer.data.summary import load_dataset
+from flowtransfer.io import atomic_write_json, atomic_write_text
+from flowtransfer.methods import DatasetInfo, build_method
+from flowtransfer.metrics import frechet_distance
+from flowtransfer.training import Trainer, TrainConfig, evaluate, format_table, summarise, write_results
+from flowtransfer.training.results import result_row
+
+__all__ = ["ExperimentConfig", "run_experiment", "DEFAULT_METHODS", "COMPLETE_DATA_METHODS", "main_metrics"]
+
+#: what ``flowtransfer run`` compares by default
+DEFAULT_METHODS: tuple[str, ...] = ("dicmor", "zero_fill", "upper_bound")
+#: methods trained on complete data, hence selected on complete validation data
+COMPLETE_DATA_METHODS = frozenset({"upper_bound", "zero_fill", "mean_fill", "specialists", "unimodal"})
+#: evaluated on complete test data only
+BOUND_METHODS = frozenset({"upper_bound"})
+#: default rates of the random per-sample protocol
+DEFAULT_RATES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run does.
+
+    Attributes:
+        dataset: a name of :data:`flowtransfer.data.summary.DATASETS` (``synthetic``, ``mmsa``,
+            ``avmnist``, ``npz``).
+        data: path for real data (an MMSA pickle, the AV-MNIST sources folder, an ``.npz``).
+        task: ``regression`` or ``classification`` where the loader lets you choose.
+        methods: registered method names.
+        seeds: one trained model per method and seed.
+        rates: missing rates of the random per-sample protocol.
+        patterns: also evaluate every fixed pattern of available modalities.
+        preset: model size preset for DiCMoR and the fusion models (``small``, ``mosi``, ``mosei``);
+            ``None`` picks ``small`` for the synthetic data and ``mosi`` otherwise.
+        epochs, batch_size, lr, weight_decay, early_stop_patience, grad_clip_norm: trainer settings
+            (each stage of a staged method gets ``epochs``).
+        valid_missing_rate: missing rate of the fixed validation mask used to select methods that
+            train under missing modalities.
+        max_steps_per_epoch: cut epochs short (quick runs and tests).
+        method_options: per-method keyword arguments for :func:`build_method`.
+        out: output folder.
+        progress: tqdm bars.
+    """
+
+    dataset: str = "synthetic"
+    data: str | None = None
+    task: str | None = None
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    seeds: tuple[int, ...] = (0, 1)
+    rates: tuple[float, ...] = DEFAULT_RATES
+    patterns: bool = True
+    preset: str | None = None
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    early_stop_patience: int | None = 6
+    grad_clip_norm: float | None = 5.0
+    valid_missing_rate: float = 0.3
+    max_steps_per_epoch: int | None = None
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out: str = "runs/latest"
+    progress: bool = True
+
+    def resolved_preset(self) -> str:
+        return self.preset or ("small" if self.dataset == "synthetic" else "mosi")
+
+
+def main_metrics(task: str) -> list[str]:
+    """The metric columns a table shows first for a task."""
+    if task == "regression":
+        return ["acc2_non0", "f1_non0", "acc7", "mae", "corr"]
+    return ["acc", "f1_macro"]
+
+
+def _monitor(task: str) -> str:
+    return "mae" if task == "regression" else "acc"
+
+
+def _fit(method: Any, train: MultimodalDataset, valid: MultimodalDataset, valid_mask: np.ndarray | None,
+         cfg: ExperimentConfig, seed: int, ckpt: Path) -> float:
+    """Train ``method`` (both stages when it has them); return training seconds.
+
+    ``valid`` is the complete validation split; ``valid_mask`` (or None) the presence mask under
+    which methods that train with missing modalities are selected. A ``complete`` stage always
+    selects on complete validation data."""
+    train_cfg = dict(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        early_stop_patience=cfg.early_stop_patience, grad_clip_norm=cfg.grad_clip_norm,
+        monitor=_monitor(train.task), seed=seed, progress=cfg.progress,
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
+    )
+    start = time.perf_counter()
+    stages = ["complete", "recovery"] if hasattr(method, "set_stage") else [None]
+    for stage in stages:
+        if stage is not None:
+            method.set_stage(stage)
+        stage_valid = valid if stage == "complete" or valid_mask is None else valid.with_mask(valid_mask)
+        Trainer(method, TrainConfig(**train_cfg, checkpoint_dir=str(ckpt / (stage or "single")))).fit(train, stage_valid)
+    return time.perf_counter() - start
+
+
+def _chunks(ds: MultimodalDataset, size: int = 256):
+    for start in range(0, len(ds), size):
+        yield ds.batch(np.arange(start, min(start + size, len(ds))))
+
+
+def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -> dict[str, float]:
+    """Fréchet distances (``reduce="mean_time"``) between recovered and real features of the
+    samples whose modality is missing, in the method's own feature space, pooled over modalities
+    (sample-weighted mean). Also the distances of zero filling and of filling with the mean real
+    feature, in the same space. Empty when nothing is missing or the method recovers nothing."""
+    if not (hasattr(method, "recover") and hasattr(method, "encode")) or mask.all():
+        return {}
+    complete = test.with_mask(np.ones_like(mask))
+    masked = test.with_mask(mask)
+    real: dict[str, list[np.ndarray]] = {}
+    rec: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        was = method.training
+        method.eval()
+        try:
+            for full_batch, miss_batch in zip(_chunks(complete), _chunks(masked)):
+                enc = method.encode(full_batch)
+                out = method.recover(miss_batch)
+                for j, m in enumerate(test.modalities):
+                    rows = (~miss_batch.mask[:, j]).nonzero().squeeze(1)
+                    if m not in out or rows.numel() == 0:
+                        continue
+                    real.setdefault(m, []).append(enc[m].index_select(0, rows).cpu().numpy())
+                    rec.setdefault(m, []).append(out[m].index_select(0, rows).cpu().numpy())
+        finally:
+            method.train(was)
+    parts: dict[str, list[tuple[int, float]]] = {"fd_recovered": [], "fd_zero_fill": [], "fd_mean_fill": []}
+    for m in rec:
+        r, x = np.concatenate(rec[m]), np.concatenate(real[m])
+        if len(x) < 3 or not np.isfinite(r).all():
+            continue
+        n = len(x)
+        parts["fd_recovered"].append((n, frechet_distance(r, x, reduce="mean_time")))
+        parts["fd_zero_fill"].append((n, frechet_distance(np.zeros_like(x), x, reduce="mean_time")))
+        mean = np.broadcast_to(x.mean(axis=0, keepdims=True), x.shape).copy()
+        parts["fd_mean_fill"].append((n, frechet_distance(mean, x, reduce="mean_time")))
+    return {k: float(sum(n * v for n, v in vals) / sum(n for n, _ in vals)) for k, vals in parts.items() if vals}
+
+
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run ``cfg``; write every output into ``cfg.out``; return the result rows."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", asdict(cfg))
+    splits = load_dataset(cfg.dataset, cfg.data, **({"task": cfg.task} if cfg.task else {}))
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
+    modalities = train.modalities
+    info = DatasetInfo.from_dataset(train)
+    settings: list[MissingSetting] = evaluation_settings(modalities, cfg.rates, patterns=cfg.patterns)
+    log(f"dataset {cfg.dataset}: train/valid/test {len(train)}/{len(valid)}/{len(test)}, "
+        f"modalities {dict(train.input_dims)}, lengths {dict(train.seq_lens)}, task {train.task}")
+    log(f"methods {list(cfg.methods)}, seeds {list(cfg.seeds)}, {len(settings)} settings, preset {cfg.resolved_preset()}")
+
+    rows: list[dict[str, Any]] = []
+    for seed in cfg.seeds:
+        masks = {s.name: s.mask(len(test), seed) for s in settings}
+        save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
+        valid_mask = random_missing_mask(len(valid), modalities, cfg.valid_missing_rate, seed=seed + 104729)
+        for name in cfg.methods:
+            torch.manual_seed(seed)
+            options = {"preset": cfg.resolved_preset(), **cfg.method_options.get(name, {})}
+            method = build_method(name, info, **options)
+            sel_mask = None if name in COMPLETE_DATA_METHODS else valid_mask
+            log(f"[seed {seed}] training {name} ...")
+            seconds = _fit(method, train, valid, sel_mask, cfg, seed, out / "checkpoints" / name / f"seed{seed}")
+            method.eval()
+            evals = [("complete", np.ones((len(test), len(modalities)), dtype=bool), 0.0)]
+            if name not in BOUND_METHODS:
+                evals = [(s.name, masks[s.name], float(1.0 - masks[s.name].mean())) for s in settings]
+            for setting, mask, rate in tqdm(evals, desc=f"evaluate {name}", disable=not cfg.progress, leave=False):
+                metrics = evaluate(method, test.with_mask(mask))
+                metrics.update(recovery_distances(method, test, mask))
+                rows.append(result_row(name, cfg.dataset, setting, seed, metrics, realised_missing_rate=rate,
+                                       train_seconds=seconds))
+            write_results(rows, out)
+            log(f"[seed {seed}] {name}: trained in {seconds:.0f} s")
+
+    summary = summarise(rows)
+    metric_names = main_metrics(train.task) + ["fd_recovered", "fd_zero_fill", "fd_mean_fill"]
+    table = format_table(summary, metrics=[m for m in metric_names if any(m in r for r in rows)])
+    header = (f"flowtransfer run: dataset={cfg.dataset} task={train.task} seeds={list(cfg.seeds)} "
+              f"(mean ± std over seeds; percentages x100; fd_* are Fréchet distances, lower is closer)\n")
+    atomic_write_text(out / "table.txt", header + table + "\n")
+    _write_summary_csv(summary, out / "summary.csv")
+    try:
+        from flowtransfer.plots import plot_missing_rate_curves
+
+        fig = plot_missing_rate_curves(rows, metric=main_metrics(train.task)[0])
+        fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
+    except ImportError:  # plotting is optional for the run itself
+        pass
+    log(header + table)
+    log(f"results written to {out.resolve()}")
+    return rows
+
+
+def _write_summary_csv(summary: Sequence[dict[str, Any]], path: Path) -> None:
+    import csv
+    import io
+
+    columns: list[str] = []
+    for row in summary:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in summary:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())

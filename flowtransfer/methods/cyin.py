@@ -1,0 +1,362 @@
+r"""CyIN: cyclic informative latent space for incomplete multimodal learning (Lin et al., NeurIPS 2025).
+
+No official code exists (METHODS.md §6); this implements the paper's description in the common
+framework. Per modality :math:`S`:
+
+* **Tokens** :math:`F_S`: the shared extractors bring each modality to width ``d`` and one length
+  ``T`` (``(B, d, T)``, as every method here).
+* **Token-level IB encoder** :math:`E_S` (``Conv1d(d, 2c, 1)``): a Gaussian per token,
+  :math:`B_S = \mu + \sigma\odot\epsilon` in training, :math:`\mu` at test; width ``c = latent_dim``.
+* **IB decoders** :math:`D_T` (``Conv1d(c, C_T, 1)``, one per target, shared over sources):
+  reconstruct target tokens :math:`f_T` from any latent. With :func:`token_kl` the mean over channels
+  of :math:`\mathrm{KL}(\mathcal N(\mu,\sigma^2)\|\mathcal N(0,I))`,
+
+  .. math:: \mathcal L^{S\to T}_{tib} = \frac1L\sum_i \big[\mathrm{KL}_i(S) + \beta\,\overline{(f_T^i - D_T(b_S^i))^2}\big],\qquad
+            \mathcal L_{tib} = \mathbb E_S\,\mathcal L^{S\to S} + \mathbb E_{S\ne T}\,\mathcal L^{S\to T}
+
+  (the paper's :math:`\mathbb E_{S,T}[\mathcal L^{S\to S} + \frac12(\mathcal L^{S\to T} + \mathcal L^{T\to S})]` over
+  ordered pairs).
+* **Label-level IB predictors** :math:`P_S` (a head on the time mean of :math:`B_S`):
+  :math:`\mathcal L_{lib} = \mathbb E_S[\mathrm{KL}(S) + \beta\,\ell(y, P_S(B_S))]`.
+* **Cyclic translation** (:class:`CascadedResidualAE`, one per ordered pair):
+  :math:`\mathcal L_{tran} = \|B_T - \Gamma_{S\to T}(B_S)\|^2 + \|B_S - \Gamma_{T\to S}(\Gamma_{S\to T}(B_S))\|^2`
+  (:func:`translation_loss`, mean over elements, averaged over ordered pairs).
+* **Recovery**: a missing latent is the **sum** of the translations from the available modalities,
+  :math:`B_i = \sum_{j\,\text{avail}} \Gamma_{j\to i}(B_j)` (``combine="mean"`` averages instead).
+* **Fusion** on the latents (``build_fusion``, MulT by default, all slots filled), then the head.
+* **Total**: :math:`\mathcal L_{task} + \frac1\beta(\mathcal L_{tib} + \mathcal L_{lib}) + \gamma\,\mathcal L_{tran}`;
+  ``kl_weight`` multiplies every KL term.
+* **Training** (one model for complete and incomplete inputs): stage 1 (epochs < ``stage1_epochs``)
+  uses :math:`\gamma = 0` and the data as given; stage 2 uses :math:`\gamma` and drops modalities per
+  sample (each sample its own rate uniform in ``[0, max_rate]``, at least one kept), the dropped
+  latents replaced by their recovery. The trainer's ``on_epoch_start`` hook switches stages.
+
+Departures / choices where the paper is silent:
+
+* Features come from the shared shallow extractors (the paper: frozen BERT / ImageBind tokens).
+  Because our extractors train, the **reconstruction targets** :math:`f_T` are the raw input
+  features resampled to the common length (fixed, like the paper's frozen tokens), not the
+  extracted ones, which the decoders could otherwise collapse.
+* The squared reconstruction and translation errors are means over channels (not sums), so
+  modalities of different widths weigh alike.
+* CRA wiring (unknown): residual autoencoders ``c -> w1 -> ... -> wk -> ... -> w1 -> c`` (ReLU),
+  the i-th fed :math:`B + \sum_{k<i} r_k`, translation :math:`B + \sum_k r_k`, last layers zero-initialised
+  (each CRA starts as the identity). Forward and reverse translators are separate networks
+  (``share_reverse=True`` uses one per unordered pair for both directions, as Table 4's counts suggest).
+* Stage-2 missingness: per-sample, rate uniform in ``[0, max_rate]`` (unspecified in the paper).
+* Defaults: :math:`\beta = 16`, :math:`\gamma = 10` (MOSI), CRA widths ``(64, 32, 16)``, 2 RA blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from flowtransfer.data.dataset import Batch
+from flowtransfer.models.extractors import ModalityExtractors, resample_time
+from flowtransfer.models.heads import build_head
+
+from .base import Method, register_method, simulate_missing
+from .fusion_model import build_fusion_for, build_head_for, task_loss_for
+from .simple import _fusion_config
+
+__all__ = [
+    "token_kl",
+    "translation_loss",
+    "ResidualAE",
+    "CascadedResidualAE",
+    "CyIN",
+]
+
+
+def token_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    r"""Per-token :math:`\mathrm{KL}(\mathcal N(\mu,\sigma^2)\|\mathcal N(0, I))` averaged over channels.
+
+    .. math:: -\tfrac12\,\mathbb E_C\big[\log\sigma^2 + 1 - \mu^2 - \sigma^2\big]
+
+    Shapes: ``(B, C, T) -> (B, T)``.
+    """
+    return -0.5 * (logvar + 1.0 - mu.pow(2) - logvar.exp()).mean(dim=1)
+
+
+def translation_loss(b_s: Tensor, b_t: Tensor, forward: Callable[[Tensor], Tensor],
+                     reverse: Callable[[Tensor], Tensor]) -> Tensor:
+    r"""Cyclic translation loss, per sample: ``(B, C, T) -> (B,)``.
+
+    .. math:: \overline{(B_T - \Gamma_{S\to T}(B_S))^2} + \overline{(B_S - \Gamma_{T\to S}(\Gamma_{S\to T}(B_S)))^2}
+
+    (bars: means over channels and tokens).
+    """
+    fwd = forward(b_s)
+    back = reverse(fwd)
+    return (b_t - fwd).pow(2).mean(dim=(1, 2)) + (b_s - back).pow(2).mean(dim=(1, 2))
+
+
+class ResidualAE(nn.Module):
+    """Token-wise autoencoder ``c -> w_1 -> ... -> w_k -> ... -> w_1 -> c`` with ReLU; the output
+    layer starts at zero. Shapes: ``(B, c, T) -> (B, c, T)``."""
+
+    def __init__(self, dim: int, widths: Sequence[int] = (64, 32, 16)) -> None:
+        super().__init__()
+        sizes = [dim, *widths, *reversed(list(widths)[:-1]), dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(self.net(rearrange(x, "b c t -> b t c")), "b t c -> b c t")
+
+
+class CascadedResidualAE(nn.Module):
+    r"""Cascade of :class:`ResidualAE`: :math:`r_i = \mathrm{RA}_i(x + \sum_{k<i} r_k)`,
+    output :math:`x + \sum_i r_i`. The identity at initialisation. Shapes: ``(B, c, T) -> (B, c, T)``."""
+
+    def __init__(self, dim: int, blocks: int = 2, widths: Sequence[int] = (64, 32, 16)) -> None:
+        super().__init__()
+        if blocks < 1:
+            raise ValueError(f"a cascade needs >= 1 residual autoencoder, got {blocks}")
+        self.blocks = nn.ModuleList(ResidualAE(dim, widths) for _ in range(blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = torch.zeros_like(x)
+        for block in self.blocks:
+            acc = acc + block(x + acc)
+        return x + acc
+
+
+class CyIN(Method):
+    r"""CyIN in the common framework; see the module docstring.
+
+    Args:
+        info: dataset description.
+        config, preset, **overrides: the backbone :class:`FusionConfig` (extractors, fusion, head).
+        latent_dim: IB latent width ``c`` (default: the backbone's ``d``; must suit the fusion,
+            e.g. divisible by MulT's heads).
+        beta, gamma, kl_weight: loss weights (see the total above).
+        stage1_epochs: epochs of stage 1 (:math:`\gamma = 0`, complete data).
+        max_rate: stage-2 per-sample drop rate range ``[0, max_rate]``.
+        cra_blocks, cra_widths: each translator's residual autoencoders.
+        share_reverse: one translator per unordered pair for both directions.
+        combine: ``"sum"`` (paper) or ``"mean"`` of the translations from available modalities.
+    """
+
+    name = "cyin"
+
+    def __init__(self, info: Any, config: Any = None, *, preset: str | None = None,
+                 latent_dim: int | None = None, beta: float = 16.0, gamma: float = 10.0, kl_weight: float = 1.0,
+                 stage1_epochs: int = 1, max_rate: float = 0.7, cra_blocks: int = 2,
+                 cra_widths: Sequence[int] = (64, 32, 16), share_reverse: bool = False, combine: str = "sum",
+                 **overrides: Any) -> None:
+        super().__init__(info)
+        if len(self.modalities) < 2:
+            raise ValueError("CyIN needs two or more modalities")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
+        if not 0.0 <= max_rate <= 1.0:
+            raise ValueError(f"max_rate must lie in [0, 1], got {max_rate}")
+        cfg = _fusion_config(config, preset, overrides)
+        self.backbone_config = cfg
+        c = cfg.d if latent_dim is None else int(latent_dim)
+        self.latent_dim = c
+        self.options = {"latent_dim": c, "beta": float(beta), "gamma": float(gamma), "kl_weight": float(kl_weight),
+                        "stage1_epochs": int(stage1_epochs), "max_rate": float(max_rate),
+                        "cra_blocks": int(cra_blocks), "cra_widths": [int(w) for w in cra_widths],
+                        "share_reverse": bool(share_reverse), "combine": combine}
+        mods = self.modalities
+        self.extractors = ModalityExtractors(self.info.input_dims, cfg.d, cfg.extractor_kernel, cfg.target_length)
+        self.ib_encoders = nn.ModuleDict({m: nn.Conv1d(cfg.d, 2 * c, 1) for m in mods})
+        self.ib_decoders = nn.ModuleDict({m: nn.Conv1d(c, self.info.input_dims[m], 1) for m in mods})
+        self.predictors = nn.ModuleDict({m: build_head(self.task, c, self.info.num_classes) for m in mods})
+        keys = sorted({self._translator_key(s, t) for s in mods for t in mods if s != t})
+        self.translators = nn.ModuleDict({k: CascadedResidualAE(c, cra_blocks, cra_widths) for k in keys})
+        fcfg = replace(cfg, d=c)
+        self.fusion = build_fusion_for(fcfg, mods)
+        self.head = build_head_for(self.info, self.fusion.out_dim, cfg)
+        self._task_loss = task_loss_for(self.task)
+        self.register_buffer("epoch", torch.tensor(0))
+        self.generator: torch.Generator | None = None
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return {"name": self.name, "dataset_info": self.info.to_dict(),
+                "config": {"config": self.backbone_config.to_dict(), **self.options}}
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def stage(self) -> int:
+        """1 (complete, :math:`\\gamma = 0`) or 2 (random missingness, :math:`\\gamma > 0`)."""
+        return 1 if int(self.epoch) < self.options["stage1_epochs"] else 2
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(int(epoch))
+
+    def on_epoch_start(self, epoch: int, trainer: Any = None) -> None:
+        """Trainer hook: selects the stage."""
+        self.set_epoch(epoch)
+
+    # ------------------------------------------------------------------ pieces
+    def _translator_key(self, src: str, dst: str) -> str:
+        if self.options["share_reverse"]:
+            a, b = sorted((src, dst))
+            return f"{a}_{b}"
+        return f"{src}_to_{dst}"
+
+    def translate(self, latent: Tensor, src: str, dst: str) -> Tensor:
+        r""":math:`\Gamma_{src\to dst}`: ``(B, c, T) -> (B, c, T)``."""
+        return self.translators[self._translator_key(src, dst)](latent)
+
+    def _encode(self, batch: Batch, sample: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Latents, means and log-variances ``{m: (B, c, T)}`` (absent inputs zeroed first)."""
+        h = self.extractors(batch.features, batch.mask)
+        lat, mus, logvars = {}, {}, {}
+        for m in self.modalities:
+            mu, logvar = self.ib_encoders[m](h[m]).chunk(2, dim=1)
+            logvar = logvar.clamp(-10.0, 10.0)
+            mus[m], logvars[m] = mu, logvar
+            lat[m] = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if sample else mu
+        return lat, mus, logvars
+
+    def _recover(self, lat: Mapping[str, Tensor], avail: Tensor) -> dict[str, Tensor]:
+        """Every latent with the unavailable ones replaced by the combined translations."""
+        out = {}
+        for i, m in enumerate(self.modalities):
+            need = ~avail[:, i]
+            if not bool(need.any()):
+                out[m] = lat[m]
+                continue
+            total = torch.zeros_like(lat[m])
+            count = torch.zeros(avail.shape[0], 1, 1, dtype=lat[m].dtype, device=avail.device)
+            for j, s in enumerate(self.modalities):
+                if j == i or not bool((avail[:, j] & need).any()):
+                    continue
+                w = avail[:, j].to(lat[m].dtype)[:, None, None]
+                src = torch.where(avail[:, j, None, None], lat[s], torch.zeros((), dtype=lat[s].dtype,
+                                                                               device=avail.device))
+                total = total + w * self.translate(src, s, m)
+                count = count + w
+            if self.options["combine"] == "mean":
+                total = total / count.clamp_min(1.0)
+            out[m] = torch.where(need[:, None, None], total, lat[m])
+        return out
+
+    def _fuse(self, lat: Mapping[str, Tensor]) -> Tensor:
+        return self.head(self.fusion(dict(lat), None))
+
+    def predict(self, batch: Batch) -> Tensor:
+        """Latents of the present modalities, translations for the absent ones, fusion, head."""
+        self._check_batch(batch)
+        lat, _, _ = self._encode(batch, sample=False)
+        return self._fuse(self._recover(lat, batch.mask))
+
+    def recover(self, batch: Batch) -> dict[str, Tensor]:
+        """Recovered latents ``{m: (B, c, T)}`` for modalities absent somewhere (NaN where present)."""
+        self._check_batch(batch)
+        lat, _, _ = self._encode(batch, sample=False)
+        rec = self._recover(lat, batch.mask)
+        return {m: torch.where(batch.mask[:, j, None, None], torch.full_like(rec[m], float("nan")), rec[m])
+                for j, m in enumerate(self.modalities) if bool((~batch.mask[:, j]).any())}
+
+    def encode(self, batch: Batch) -> dict[str, Tensor]:
+        """Latent means ``{m: (B, c, T)}`` (NaN where absent)."""
+        self._check_batch(batch)
+        _, mus, _ = self._encode(batch, sample=False)
+        return {m: torch.where(batch.mask[:, j, None, None], mus[m], torch.full_like(mus[m], float("nan")))
+                for j, m in enumerate(self.modalities)}
+
+    def _targets(self, batch: Batch, length: int) -> dict[str, Tensor]:
+        out = {}
+        for j, m in enumerate(self.modalities):
+            x = torch.where(batch.mask[:, j, None, None], batch.features[m],
+                            torch.zeros((), dtype=batch.features[m].dtype, device=batch.mask.device))
+            out[m] = resample_time(x, length)
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        self._check_batch(batch)
+        opt = self.options
+        beta, kw = opt["beta"], opt["kl_weight"]
+        stage = self.stage
+        sample = self.training
+        data = batch.mask
+        lat, mus, logvars = self._encode(batch, sample)
+        length = next(iter(lat.values())).shape[-1]
+        targets = self._targets(batch, length)
+        kl_tok = {m: token_kl(mus[m], logvars[m]) for m in self.modalities}  # (B, T)
+        mods = self.modalities
+        zero = lat[mods[0]].new_zeros(())
+
+        def masked_mean(values: Tensor, rows: Tensor) -> Tensor:
+            return values[rows].mean() if bool(rows.any()) else zero
+
+        # token-level IB: S->S and S->T
+        self_terms, cross_terms = [], []
+        for i, s in enumerate(mods):
+            for j, t in enumerate(mods):
+                rows = data[:, i] & data[:, j]
+                if not bool(rows.any()):
+                    continue
+                rec = self.ib_decoders[t](lat[s])
+                per = (kw * kl_tok[s] + beta * (targets[t] - rec).pow(2).mean(dim=1)).mean(dim=1)  # (B,)
+                (self_terms if i == j else cross_terms).append(masked_mean(per, rows))
+        tib = (torch.stack(self_terms).mean() if self_terms else zero) + \
+              (torch.stack(cross_terms).mean() if cross_terms else zero)
+        # label-level IB
+        lib_terms = []
+        for i, s in enumerate(mods):
+            rows = data[:, i]
+            if not bool(rows.any()):
+                continue
+            pred_s = self.predictors[s](lat[s].mean(dim=-1))
+            kl_s = kl_tok[s].mean(dim=1)
+            task_s = self._per_sample(pred_s, batch.labels)
+            lib_terms.append(masked_mean(kw * kl_s + beta * task_s, rows))
+        lib = torch.stack(lib_terms).mean() if lib_terms else zero
+        # cyclic translation
+        gamma = opt["gamma"] if stage == 2 else 0.0
+        tran = zero
+        if gamma > 0:
+            tr_terms = []
+            for i, s in enumerate(mods):
+                for j, t in enumerate(mods):
+                    rows = data[:, i] & data[:, j]
+                    if i == j or not bool(rows.any()):
+                        continue
+                    per = translation_loss(lat[s], lat[t], lambda x, s=s, t=t: self.translate(x, s, t),
+                                           lambda x, s=s, t=t: self.translate(x, t, s))
+                    tr_terms.append(masked_mean(per, rows))
+            tran = torch.stack(tr_terms).mean() if tr_terms else zero
+        # task on complete (stage 1) or randomly incomplete (stage 2) inputs
+        avail = data
+        if stage == 2 and self.training:
+            avail = simulate_missing(batch, rate=(0.0, opt["max_rate"]), generator=self.generator).mask
+        pred = self._fuse(self._recover(lat, avail))
+        task = self._task_loss(pred, batch.labels)
+        total = task + (tib + lib) / beta + gamma * tran
+        parts = {"task": float(task.detach()), "tib": float(tib.detach()), "lib": float(lib.detach()),
+                 "tran": float(tran.detach()), "stage": float(stage), "loss": float(total.detach())}
+        return total, parts
+
+    def _per_sample(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.task == "regression":
+            return (pred - target).abs()
+        return F.cross_entropy(pred, target.long(), reduction="none")
+
+
+@register_method("cyin")
+def cyin(info: Any, config: Any = None, *, preset: str | None = None, **kwargs: Any) -> CyIN:
+    """CyIN (Lin et al., NeurIPS 2025): IB latents, cyclic translation, one model for all patterns."""
+    return CyIN(info, config, preset=preset, **kwargs)

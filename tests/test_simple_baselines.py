@@ -1,0 +1,225 @@
+"""Simple baselines: unimodal, specialists, modality dropout, AE imputation (and NaN-safety of every baseline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flowtransfer.data.dataset import from_arrays
+from flowtransfer.methods.base import DatasetInfo, build_method, simulate_missing
+from flowtransfer.methods.simple import (
+    AEImpute,
+    ModalityDropout,
+    Specialists,
+    Unimodal,
+    nonempty_patterns,
+    pattern_codes,
+    restrict_batch,
+)
+from flowtransfer.training.trainer import Trainer, TrainConfig
+
+# registers smil / mmanet / cyin as well (for the NaN-safety test over every baseline)
+import flowtransfer.methods.cyin  # noqa: F401
+import flowtransfer.methods.mmanet  # noqa: F401
+import flowtransfer.methods.smil  # noqa: F401
+
+TINY = dict(preset="small", fusion="concat", d=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_dataset(n: int = 32, task: str = "regression", seed: int = 0):
+    rng = np.random.default_rng(seed)
+    feats = {
+        "L": rng.normal(size=(n, 6, 4)).astype("float32"),
+        "A": rng.normal(size=(n, 3, 5)).astype("float32"),
+        "V": rng.normal(size=(n, 4, 4)).astype("float32"),
+    }
+    score = feats["L"].mean(axis=(1, 2)) * 6 + 0.5 * feats["A"].mean(axis=(1, 2))
+    if task == "regression":
+        return from_arrays(feats, score.astype("float32"), task, layout="NCT")
+    return from_arrays(feats, (score > 0).astype("int64"), task, layout="NCT", num_classes=2)
+
+
+def steps(method, batch, n: int = 15, lr: float = 1e-2) -> list[float]:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr)
+    losses = []
+    method.train()
+    for _ in range(n):
+        loss, parts = method.loss(batch)
+        assert np.isfinite(parts["loss"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def test_patterns_and_codes():
+    pats = nonempty_patterns(("L", "A", "V"))
+    assert len(pats) == 7 and pats[0] == ("L",) and pats[2] == ("L", "A") and pats[6] == ("L", "A", "V")
+    mask = torch.tensor([[True, False, False], [True, True, False], [False, True, True], [True, True, True]])
+    codes = pattern_codes(mask)
+    assert codes.tolist() == [1, 3, 6, 7]
+    assert [pats[c - 1] for c in codes.tolist()] == [("L",), ("L", "A"), ("A", "V"), ("L", "A", "V")]
+
+
+def test_restrict_batch_keeps_rows_and_columns():
+    ds = tiny_dataset(8)
+    b = simulate_missing(ds.full_batch(), rate=0.5, generator=torch.Generator().manual_seed(1))
+    rows = b.mask[:, 0]
+    sub = restrict_batch(b, ("V", "L"), rows)
+    assert sub.modalities == ("V", "L")
+    assert torch.equal(sub.mask, b.mask[rows][:, [2, 0]])
+    assert torch.equal(sub.labels, b.labels[rows])
+    with pytest.raises(KeyError, match="unknown modalities"):
+        restrict_batch(b, ("X",))
+
+
+# ------------------------------------------------------------------------------------------ unimodal
+
+
+def test_unimodal_prior_where_absent_regression():
+    ds = tiny_dataset(16)
+    m = Unimodal(DatasetInfo.from_dataset(ds), modality="A", **TINY)
+    m.prepare(ds)
+    b = simulate_missing(ds.full_batch(), pattern=["L", "V"])  # A absent everywhere
+    m.eval()
+    out = m.predict(b)
+    assert torch.allclose(out, torch.full((16,), float(np.mean(ds.labels, dtype=np.float64))), atol=1e-6)
+    b2 = ds.full_batch()
+    with torch.no_grad():
+        assert not torch.allclose(m.predict(b2), out)  # present rows use the model
+
+
+def test_unimodal_prior_classification_is_log_frequency():
+    ds = tiny_dataset(20, task="classification")
+    m = Unimodal(DatasetInfo.from_dataset(ds), modality="V", **TINY)
+    m.prepare(ds)
+    counts = np.bincount(ds.labels, minlength=2)
+    expected = np.log((counts + 1.0) / (20 + 2))
+    got = m.prior_prediction(3)
+    assert got.shape == (3, 2)
+    assert np.allclose(got.numpy(), expected[None].repeat(3, 0), atol=1e-6)
+
+
+def test_unimodal_accumulates_prior_without_prepare_and_trains():
+    ds = tiny_dataset(24)
+    m = Unimodal(DatasetInfo.from_dataset(ds), modality="L", **TINY)
+    b = ds.full_batch()
+    losses = steps(m, b, 15)
+    assert losses[-1] < losses[0]
+    # the running prior saw every step's labels: mean unchanged
+    assert abs(float(m.prior_prediction(1)[0]) - float(b.labels.double().mean())) < 1e-5
+
+
+def test_unimodal_unknown_modality():
+    with pytest.raises(KeyError, match="unknown modality"):
+        Unimodal(DatasetInfo.from_dataset(tiny_dataset(4)), modality="X", **TINY)
+
+
+# ------------------------------------------------------------------------------------------ specialists
+
+
+def test_specialists_route_each_pattern_to_its_own_model():
+    ds = tiny_dataset(21)
+    m = Specialists(DatasetInfo.from_dataset(ds), **TINY)
+    assert len(m.models) == 7
+    # make specialist P output its own bit code, whatever the input
+    for code, p in enumerate(m.patterns, start=1):
+        head = m.specialist(p).head
+        for lin in (head.proj1, head.proj2, head.out):
+            torch.nn.init.zeros_(lin.weight)
+            torch.nn.init.zeros_(lin.bias)
+        head.out.bias.data.fill_(float(code))
+    # three rows of each pattern, in shuffled order
+    codes = torch.tensor([c for c in range(1, 8) for _ in range(3)])[torch.randperm(21, generator=torch.Generator().manual_seed(0))]
+    mask = (codes[:, None] & (2 ** torch.arange(3))) > 0
+    b = simulate_missing(ds.full_batch(), pattern=mask)
+    m.eval()
+    with torch.no_grad():
+        out = m.predict(b)
+    assert torch.equal(out, codes.float())
+
+
+def test_specialists_train_each_on_rows_having_its_pattern():
+    ds = tiny_dataset(24)
+    m = Specialists(DatasetInfo.from_dataset(ds), **TINY)
+    b = simulate_missing(ds.full_batch(), pattern=["L", "A"])  # V absent in the data
+    loss, parts = m.loss(b)
+    assert set(parts) == {"loss", "task_L", "task_A", "task_L_A"}
+    loss.backward()
+    assert m.specialist(["A", "V"]).head.out.weight.grad is None
+    assert m.specialist(["L", "A"]).head.out.weight.grad is not None
+    losses = steps(m, ds.full_batch(), 10)
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------------ dropout, AE
+
+
+def test_modality_dropout_trains_through_trainer():
+    train, valid = tiny_dataset(32), tiny_dataset(16, seed=1)
+    m = build_method("modality_dropout", DatasetInfo.from_dataset(train), **TINY)
+    assert isinstance(m, ModalityDropout) and m.config.train_missing_rate == (0.0, 0.7)
+    res = Trainer(m, TrainConfig(epochs=4, batch_size=16, lr=1e-2, progress=False, monitor="mae",
+                                 early_stop_patience=None)).fit(train, valid)
+    hist = [h["train/loss"] for h in res.history]
+    assert hist[-1] < hist[0]
+    # the mask reaches the fusion: a modality's values do not matter where the mask says absent
+    b = simulate_missing(valid.full_batch(), pattern=["L", "V"])
+    b2 = simulate_missing(valid.full_batch(), pattern=["L", "V"])
+    b2.features["A"] = torch.randn_like(b2.features["A"])
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m.predict(b), m.predict(b2))
+
+
+def test_ae_impute_loss_decreases_and_recovers():
+    ds = tiny_dataset(32)
+    m = AEImpute(DatasetInfo.from_dataset(ds), **TINY)
+    b = ds.full_batch()
+    losses = steps(m, b, 15)
+    assert losses[-1] < losses[0]
+    m.eval()
+    bm = simulate_missing(b, pattern=["L"])
+    rec = m.recover(bm)
+    assert set(rec) == {"A", "V"} and rec["A"].shape == (32, 8, 4)
+    assert torch.isfinite(rec["A"]).all()
+    _, parts = m.loss(b)  # eval: nothing dropped, no reconstruction term
+    assert parts["recon"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ every baseline
+
+
+@pytest.mark.parametrize("name", ["unimodal", "specialists", "modality_dropout", "ae_impute", "smil", "mmanet", "cyin"])
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_predict_never_reads_absent_modalities(name, task):
+    ds = tiny_dataset(16, task=task)
+    extra = {"num_priors": 2} if name == "smil" else {}
+    m = build_method(name, DatasetInfo.from_dataset(ds), **TINY, **extra)
+    if hasattr(m, "prepare"):
+        m.prepare(ds)
+    b = simulate_missing(ds.full_batch(), rate=0.6, generator=torch.Generator().manual_seed(3))
+    assert (~b.mask).any() and torch.isnan(b.features["A"]).any()
+    m.eval()
+    with torch.no_grad():
+        out = m.predict(b)
+    assert out.shape == ((16,) if task == "regression" else (16, 2))
+    assert torch.isfinite(out).all()
+    # and the training loss never reads them either
+    m.train()
+    loss, _ = m.loss(b)
+    assert torch.isfinite(loss)
