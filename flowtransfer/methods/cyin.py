@@ -11,7 +11,8 @@ framework. Per modality :math:`S`:
   reconstruct target tokens :math:`f_T` from any latent. With :func:`token_kl` the mean over channels
   of :math:`\mathrm{KL}(\mathcal N(\mu,\sigma^2)\|\mathcal N(0,I))`,
 
-  .. math:: \mathcal L^{S\to T}_{tib} = \frac1L\sum_i \big[\mathrm{KL}_i(S) + \beta\,\overline{(f_T^i - D_T(b_S^i))^2}\big],\qquad
+  .. math:: \mathcal L^{S\to T}_{tib} = \frac1L\sum_i \big[\mathrm{KL}_i(S)
+            + \beta\,\overline{(f_T^i - D_T(b_S^i))^2}\big],\qquad
             \mathcal L_{tib} = \mathbb E_S\,\mathcal L^{S\to S} + \mathbb E_{S\ne T}\,\mathcal L^{S\to T}
 
   (the paper's :math:`\mathbb E_{S,T}[\mathcal L^{S\to S} + \frac12(\mathcal L^{S\to T} + \mathcal L^{T\to S})]` over

@@ -24,7 +24,8 @@ r"""MMANet: margin-aware distillation and modality-aware regularisation (Wei, Lu
   non-empty pattern lacking the strong modality. From then on a regularisation head :math:`g` on
   the student's fused representation adds
   :math:`\mathcal L_{MAR} = \frac1B\sum_i \mathbb 1[p_i \in \mathcal W]\,\ell(g(x_i), y_i)`.
-* **Total** after the warm-up: :math:`\mathcal L_{task} + \lambda_{MAD}\mathcal L_{MAD} + \lambda_{MAR}\mathcal L_{MAR}`;
+* **Total** after the warm-up:
+  :math:`\mathcal L_{task} + \lambda_{MAD}\mathcal L_{MAD} + \lambda_{MAR}\mathcal L_{MAR}`;
   during the warm-up: the teacher's task loss (complete samples) plus the student's task loss
   (the released code also uses the task loss alone before ``begin_epoch``).
 
@@ -130,7 +131,8 @@ def histogram_kl(hist: Tensor, reference: Tensor, eps: float = 1e-6) -> Tensor:
     return (p * (p / q).log()).sum()
 
 
-def mine_weak_pattern(divergence: dict[tuple[str, ...], float], modalities: Sequence[str]) -> tuple[tuple[str, ...], str]:
+def mine_weak_pattern(divergence: dict[tuple[str, ...], float],
+                      modalities: Sequence[str]) -> tuple[tuple[str, ...], str]:
     r"""The weak pattern (largest accumulated divergence from the complete pattern) and the strong
     modality it lacks.
 
@@ -323,11 +325,15 @@ class MMANet(Method):
         complete = batch.mask.all(dim=1)
         if not bool(complete.any()):
             return
-        for pattern in self._pattern_rows():
-            keep = torch.tensor([m in pattern for m in self.modalities], device=batch.mask.device)
-            sub = simulate_missing(batch, pattern=keep)
-            pred, _ = self._student(sub)
-            self.record_predictions(pattern, self._predicted_bins(pred[complete]))
+        was_training = self.student.training
+        self.student.eval()  # predictions as at evaluation (no dropout), like the released code
+        try:
+            for pattern in self._pattern_rows():
+                keep = torch.tensor([m in pattern for m in self.modalities], device=batch.mask.device)
+                pred, _ = self._student(simulate_missing(batch, pattern=keep))
+                self.record_predictions(pattern, self._predicted_bins(pred[complete]))
+        finally:
+            self.student.train(was_training)
 
     # ------------------------------------------------------------------ networks
     def _student(self, batch: Batch) -> tuple[Tensor, Tensor]:

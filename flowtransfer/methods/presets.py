@@ -82,6 +82,11 @@ class DiCMoRConfig:
             range from which each sample draws its own rate (default ``(0.2, 0.7)``: one model
             serves every test missing rate).
         stage: initial training stage, ``"complete"``, ``"recovery"`` or ``"joint"``.
+        input_decoder: also build one decoder per modality from the shared feature space
+            ``(B, d, T)`` back to the input space ``(B, C_m, T_m)``, trained with an MSE
+            reconstruction loss on the real features (``DiCMoR.transfer_input``: audio in, image
+            out). Off by default: the method itself never needs it.
+        input_decoder_weight: weight of that reconstruction loss.
     """
 
     variant: str = "paper"
@@ -105,6 +110,8 @@ class DiCMoRConfig:
     rec_weight: float = 0.1
     train_missing_rate: float | tuple[float, float] = (0.2, 0.7)
     stage: str = "joint"
+    input_decoder: bool = False
+    input_decoder_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.mult, dict):
@@ -133,6 +140,8 @@ class DiCMoRConfig:
             raise ValueError(f"target_length must be >= 1, got {self.target_length}")
         if self.nll_weight < 0 or self.rec_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got nll {self.nll_weight}, rec {self.rec_weight}")
+        if self.input_decoder_weight < 0:
+            raise ValueError(f"input_decoder_weight must be >= 0, got {self.input_decoder_weight}")
         r = self.train_missing_rate
         if isinstance(r, tuple):
             if len(r) != 2 or not 0.0 <= r[0] <= r[1] <= 1.0:

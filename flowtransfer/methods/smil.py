@@ -78,7 +78,7 @@ from torch.func import functional_call
 from flowtransfer.data.dataset import Batch
 from flowtransfer.models.extractors import common_length
 
-from .base import DatasetInfo, Method, register_method
+from .base import Method, register_method
 from .fusion_model import FusionModel
 from .simple import _fusion_config, zero_loss
 
@@ -154,7 +154,8 @@ def kmeans(x: Tensor | np.ndarray, k: int, iters: int = 100, seed: int = 0, tol:
     return c.to(dtype), assign
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: float | Tensor = 0.0, prior_logvar: float | Tensor = 0.0) -> Tensor:
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: float | Tensor = 0.0,
+                prior_logvar: float | Tensor = 0.0) -> Tensor:
     r"""Elementwise :math:`\mathrm{KL}[\mathcal N(\mu, e^{v}) \,\|\, \mathcal N(\mu_0, e^{v_0})]`.
 
     .. math:: \tfrac12\Big(v_0 - v + \frac{e^{v} + (\mu - \mu_0)^2}{e^{v_0}} - 1\Big)
@@ -336,7 +337,8 @@ class SMIL(Method):
         k = self.options["num_priors"]
         if int(rows.sum()) < k:
             raise ValueError(
-                f"SMIL needs at least num_priors={k} training samples with {self.missing_modality!r}, got {int(rows.sum())}"
+                f"SMIL needs at least num_priors={k} training samples with {self.missing_modality!r}, "
+                f"got {int(rows.sum())}"
             )
         x = torch.as_tensor(np.asarray(dataset.features[self.missing_modality])[rows])
         centres, _ = kmeans(x.reshape(x.shape[0], -1), k, self.options["kmeans_iters"], self.options["seed"])
