@@ -77,6 +77,8 @@ class ExperimentConfig:
             train under missing modalities.
         max_steps_per_epoch: cut epochs short (quick runs and tests).
         method_options: per-method keyword arguments for :func:`build_method`.
+        dataset_options: keyword arguments for the dataset loader (for example smaller synthetic
+            splits: ``{"n_train": 200}``).
         out: output folder.
         progress: tqdm bars.
     """
@@ -98,6 +100,7 @@ class ExperimentConfig:
     valid_missing_rate: float = 0.3
     max_steps_per_epoch: int | None = None
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
     out: str = "runs/latest"
     progress: bool = True
 
@@ -188,7 +191,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
-    splits = load_dataset(cfg.dataset, cfg.data, **({"task": cfg.task} if cfg.task else {}))
+    splits = load_dataset(cfg.dataset, cfg.data, **({"task": cfg.task} if cfg.task else {}), **cfg.dataset_options)
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     modalities = train.modalities
     info = DatasetInfo.from_dataset(train)

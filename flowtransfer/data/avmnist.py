@@ -170,10 +170,10 @@ def list_fsdd(recordings: str | os.PathLike) -> list[tuple[str, int, str, int]]:
     if not recordings.is_dir():
         raise FileNotFoundError(f"FSDD recordings folder not found: {recordings}")
     out = []
-    for p in recordings.iterdir():
-        m = _WAV_NAME.match(p.name)
+    for name in os.listdir(recordings):
+        m = _WAV_NAME.match(name)
         if m:
-            out.append((p.name, int(m.group(1)), m.group(2), int(m.group(3))))
+            out.append((name, int(m.group(1)), m.group(2), int(m.group(3))))
     if not out:
         raise FileNotFoundError(f"no FSDD recordings (digit_speaker_take.wav) in {recordings}")
     return sorted(out)
@@ -217,9 +217,13 @@ class PCADegradation:
             eigval, eigvec = np.linalg.eigh(xc.T @ xc / (n - 1))
             order = np.argsort(eigval)[::-1]
             eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
-        else:  # fewer samples than pixels: thin SVD of the data (same leading directions)
-            _, sv, vt = np.linalg.svd(xc, full_matrices=False)
-            eigval, eigvec = sv**2 / (n - 1), vt.T
+        else:  # fewer samples than pixels: eigen-decompose the N x N Gram matrix instead
+            gval, gvec = np.linalg.eigh(xc @ xc.T / (n - 1))
+            order = np.argsort(gval)[::-1]
+            gval, gvec = gval[order], gvec[:, order]
+            rank = int(np.sum(gval > gval[0] * 1e-12)) if gval[0] > 0 else 0
+            eigval = gval[:rank]
+            eigvec = (xc.T @ gvec[:, :rank]) / np.sqrt((n - 1) * eigval)  # unit principal directions
         total = float(np.sum(xc**2) / (n - 1))
         if total <= 0.0:
             raise ValueError("PCA fit: the training images have zero variance")
@@ -375,9 +379,13 @@ def _fingerprint(root: Path) -> dict[str, Any]:
     """Cheap identity of the sources: MNIST file names and sizes, FSDD names and sizes."""
     mnist = sorted((p.name, p.stat().st_size) for p in (root / "mnist").iterdir() if p.is_file())
     h = hashlib.sha256()
-    rec = root / "fsdd" / "recordings"
-    for name, *_ in list_fsdd(rec):
-        h.update(f"{name}:{(rec / name).stat().st_size};".encode())
+    sizes = {}
+    with os.scandir(root / "fsdd" / "recordings") as entries:
+        for e in entries:
+            if _WAV_NAME.match(e.name):
+                sizes[e.name] = e.stat().st_size
+    for name in sorted(sizes):
+        h.update(f"{name}:{sizes[name]};".encode())
     return {"mnist": mnist, "fsdd": h.hexdigest()}
 
 

@@ -30,13 +30,17 @@ __all__ = ["DATASETS", "register_dataset", "load_dataset", "summarize", "format_
 Loader = Callable[..., dict[str, MultimodalDataset]]
 
 
-def _synthetic(path: str | None = None, seed: int = 0, **_: Any) -> dict[str, MultimodalDataset]:
+def _synthetic(path: str | None = None, task: str | None = None, **options: Any) -> dict[str, MultimodalDataset]:
+    """The embedded data; ``options`` go to :func:`~flowtransfer.data.synthetic.make_synthetic`."""
     from flowtransfer.data.synthetic import make_synthetic
 
-    return make_synthetic(seed=seed)
+    if path is not None:
+        raise ValueError("the synthetic dataset is generated in code and takes no data path")
+    return make_synthetic(**options, **({"task": task} if task else {}))
 
 
-def _mmsa(path: str | None = None, task: str | None = None, **_: Any) -> dict[str, MultimodalDataset]:
+def _mmsa(path: str | None = None, task: str | None = None, seed: int | None = None, **options: Any) -> dict[str, MultimodalDataset]:
+    """An MMSA pickle (default: the MOSI file in the shared data folder); ``seed`` is unused."""
     from flowtransfer.data.mmsa import load_mmsa
 
     if path is None:
@@ -44,21 +48,25 @@ def _mmsa(path: str | None = None, task: str | None = None, **_: Any) -> dict[st
     require_data(path, "the MMSA pickle")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cleaning is reported in the summary itself
-        return load_mmsa(path, task=task or "regression")
+        return load_mmsa(path, task=task or "regression", **options)
 
 
-def _npz(path: str | None = None, task: str | None = None, **_: Any) -> dict[str, MultimodalDataset]:
+def _npz(path: str | None = None, task: str | None = None, seed: int | None = None) -> dict[str, MultimodalDataset]:
+    """A user's ``.npz`` (see :func:`~flowtransfer.data.dataset.load_npz`); ``seed`` is unused."""
     if path is None:
         raise ValueError("--dataset npz needs --data FILE.npz")
     return load_npz(require_data(path, "the .npz data file"), task=task)
 
 
-def _avmnist(path: str | None = None, seed: int = 0, **_: Any) -> dict[str, MultimodalDataset]:
+def _avmnist(path: str | None = None, task: str | None = None, **options: Any) -> dict[str, MultimodalDataset]:
+    """AV-MNIST built from the sources folder; ``options`` go to ``load_avmnist``."""
     try:
         from flowtransfer.data.avmnist import load_avmnist
     except ImportError as err:
         raise RuntimeError(f"the AV-MNIST loader is not available: {err}") from err
-    return load_avmnist(path, seed=seed) if path is not None else load_avmnist(seed=seed)
+    if task not in (None, "classification"):
+        raise ValueError(f"AV-MNIST is a classification task, got task={task!r}")
+    return load_avmnist(path, **options)
 
 
 #: dataset name -> loader(path, **options) -> {split: MultimodalDataset}

@@ -57,6 +57,14 @@ batch as given (no simulation, no flow work); ``"recovery"`` freezes the extract
 code does) and trains flows, prior, combiners, refiners, fusion and head under simulated missingness;
 ``"joint"`` trains everything at once.
 
+**Input-space decoders** (optional, ``input_decoder=True``): one :class:`InputDecoder` per
+modality maps the shared feature space back to the input space,
+:math:`\hat x_m = G_m(h_m)`, trained with :math:`\lambda_{dec}\,\mathrm{MSE}(G_m(\mathrm{sg}[h_m]), x_m)`
+over the samples where :math:`m` exists (in every stage; the features are detached, so the
+decoders never change what the rest of the model learns). :meth:`DiCMoR.transfer_input` then
+recovers a modality *in its input space*, e.g. AV-MNIST audio in, image out:
+:math:`\hat x_{dst} = G_{dst}(D_{dst}(F_{dst}^{-1}(F_{src}(E_{src}(x_{src})))))`.
+
 Not done: text as token ids (``text_bert``) through a BERT encoder.
 
 Example::
@@ -79,13 +87,13 @@ from torch import Tensor, nn
 
 from flowtransfer.data.dataset import Batch
 from flowtransfer.flows import ClassConditionalGaussian, TemporalFlow
-from flowtransfer.models.extractors import ModalityExtractors
+from flowtransfer.models.extractors import ModalityExtractors, common_length, resample_time
 
 from .fusion_model import build_fusion_for, build_head_for, task_loss_for
 from .base import DatasetInfo, Method, prior_labels, register_method, simulate_missing
 from .presets import STAGES, DiCMoRConfig
 
-__all__ = ["DiCMoR", "Recovery"]
+__all__ = ["DiCMoR", "InputDecoder", "Recovery"]
 
 _LOG2 = math.log(2.0)
 
@@ -95,6 +103,43 @@ def build_refiner(d: int, hidden: int, blocks: int, reduction: int) -> nn.Module
     from flowtransfer.models.rcab import Refiner
 
     return Refiner(d, hidden, blocks, reduction)
+
+
+class InputDecoder(nn.Module):
+    r"""Map shared features ``(B, d, T)`` back to one modality's input space ``(B, C_m, T_m)``.
+
+    .. math:: \hat x = W_3 * \mathrm{GELU}(W_2 * \mathrm{GELU}(W_1 * \mathrm{resample}_{T_m}(h)))
+
+    ``resample`` is :func:`~flowtransfer.models.extractors.resample_time` (linear interpolation up,
+    window means down); ``W_1, W_2`` are ``Conv1d`` with ``kernel_size`` and 'same' padding,
+    ``W_3`` a ``1x1`` convolution to ``C_m`` channels.
+
+    Args:
+        d: shared feature width. channels: ``C_m``. length: ``T_m``.
+        hidden: width of the two hidden convolutions. kernel_size: their temporal kernel.
+    """
+
+    def __init__(self, d: int, channels: int, length: int, hidden: int = 64, kernel_size: int = 5) -> None:
+        super().__init__()
+        if min(d, channels, length, hidden, kernel_size) < 1:
+            raise ValueError(
+                f"InputDecoder sizes must be >= 1, got d={d}, channels={channels}, length={length}, "
+                f"hidden={hidden}, kernel_size={kernel_size}"
+            )
+        self.d, self.channels, self.length = d, channels, length
+        self.net = nn.Sequential(
+            nn.Conv1d(d, hidden, kernel_size, padding="same"),
+            nn.GELU(),
+            nn.Conv1d(hidden, hidden, kernel_size, padding="same"),
+            nn.GELU(),
+            nn.Conv1d(hidden, channels, 1),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``(B, d, T) -> (B, channels, length)``."""
+        if h.dim() != 3 or h.shape[1] != self.d:
+            raise ValueError(f"InputDecoder expects features (batch, {self.d}, time), got {tuple(h.shape)}")
+        return self.net(resample_time(h, self.length))
 
 
 class Recovery(dict):
@@ -183,6 +228,13 @@ class DiCMoR(Method):
         )
         self.fusion = build_fusion_for(r, mods)
         self.head = build_head_for(self.info, self.fusion.out_dim, r)
+        # optional input-space decoders (empty, hence parameter-free, when disabled)
+        self.decoders = nn.ModuleDict()
+        if r.input_decoder:
+            self.decoders.update({
+                m: InputDecoder(d, self.info.input_dims[m], self.info.seq_lens[m], r.refiner_hidden, r.extractor_kernel)
+                for m in mods
+            })
         self._task_loss = task_loss_for(self.info.task)
         self.generator: torch.Generator | None = None
         self.stage = r.stage
@@ -219,7 +271,7 @@ class DiCMoR(Method):
         for mod in self._recovery_modules():
             for p in mod.parameters():
                 p.requires_grad_(train_rec)
-        for mod in (self.fusion, self.head):
+        for mod in (self.fusion, self.head, self.decoders):
             for p in mod.parameters():
                 p.requires_grad_(True)
         self.train(self.training)
@@ -233,12 +285,14 @@ class DiCMoR(Method):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Groups ``extractors``, ``flows`` (flows and the shared prior), ``recovery`` (combiners,
-        refiners) and ``fusion`` (fusion and head), each holding only trainable parameters."""
+        refiners), ``fusion`` (fusion and head) and ``decoders`` (when built), each holding only
+        trainable parameters."""
         groups = [
             ("extractors", list(self.extractors.parameters())),
             ("flows", list(self.flows.parameters())),
             ("recovery", list(self.combiners.parameters()) + list(self.refiners.parameters())),
             ("fusion", list(self.fusion.parameters()) + list(self.head.parameters())),
+            ("decoders", list(self.decoders.parameters())),
         ]
         out = []
         for name, params in groups:
@@ -357,12 +411,94 @@ class DiCMoR(Method):
             out[m] = full.index_copy(0, tgt, (refined if refine else combined).to(full.dtype))
         return out
 
-    def transfer(self, h: Tensor, src: str, dst: str) -> Tensor:
-        """Feature-space transfer ``F_dst^{-1}(F_src(h))`` of ``(B, d, T)`` features (no refiner)."""
+    def transfer(self, h: Tensor, src: str, dst: str, space: str = "feature") -> Tensor:
+        """Transfer from modality ``src`` to ``dst``.
+
+        ``space="feature"``: ``h`` are shared features ``(B, d, T)``; returns ``F_dst^{-1}(F_src(h))``
+        ``(B, d, T)`` (no refiner). ``space="input"``: ``h`` is an input-space tensor
+        ``(B, C_src, T_src)`` or a :class:`Batch`; returns :meth:`transfer_input`'s
+        ``(B, C_dst, T_dst)`` (needs ``input_decoder=True``).
+        """
+        if space == "input":
+            return self.transfer_input(h, src, dst)
+        if space != "feature":
+            raise ValueError(f"unknown space {space!r}; expected 'feature' or 'input'")
+        self._check_pair(src, dst)
+        return self.flows[dst].from_latent(self.flows[src].to_latent(h))
+
+    def _check_pair(self, src: str, dst: str) -> None:
         for name in (src, dst):
             if name not in self.flows:
                 raise KeyError(f"unknown modality {name!r}; known: {list(self.modalities)}")
-        return self.flows[dst].from_latent(self.flows[src].to_latent(h))
+
+    def decode(self, h: Tensor, modality: str) -> Tensor:
+        """Input-space reconstruction ``(B, C_m, T_m)`` of shared features ``h`` ``(B, d, T)``."""
+        if not len(self.decoders):
+            raise RuntimeError("this DiCMoR has no input decoders; build it with input_decoder=True")
+        if modality not in self.decoders:
+            raise KeyError(f"unknown modality {modality!r}; known: {list(self.modalities)}")
+        return self.decoders[modality](h)
+
+    def transfer_input(self, batch_or_x: Batch | Tensor, src: str, dst: str, refine: bool = True) -> Tensor:
+        r"""Recover ``dst`` in its input space from ``src`` inputs (e.g. audio in, image out).
+
+        .. math:: \hat x_{dst} = G_{dst}\big(D_{dst}(F_{dst}^{-1}(F_{src}(E_{src}(x_{src}))))\big)
+
+        with the extractor :math:`E`, flows :math:`F`, refiner :math:`D` (skipped with
+        ``refine=False``) and input decoder :math:`G`. Never reads labels.
+
+        Args:
+            batch_or_x: a :class:`Batch` (rows where ``src`` is absent give NaN rows) or the
+                ``src`` input features ``(B, C_src, T_src)``.
+            src, dst: modality names, ``src != dst``.
+
+        Returns:
+            ``(B, C_dst, T_dst)``, the shape of ``dst``'s inputs.
+        """
+        self._check_pair(src, dst)
+        if src == dst:
+            raise ValueError(f"src and dst must differ, got {src!r} for both")
+        if not len(self.decoders):
+            raise RuntimeError("transfer_input needs input decoders; build DiCMoR with input_decoder=True")
+        if isinstance(batch_or_x, Batch):
+            self._check_batch(batch_or_x)
+            present = batch_or_x.present(src)
+            x = batch_or_x.features[src]
+        else:
+            x = batch_or_x
+            present = None
+        c = self.info.input_dims[src]
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[1] != c:
+            raise ValueError(
+                f"modality {src!r}: expected input features (batch, {c}, time), got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
+        if present is not None:
+            x = torch.where(present[:, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        elif not bool(torch.isfinite(x).all()):
+            raise ValueError(f"modality {src!r}: input features contain NaN or inf")
+        length = common_length(self.info.seq_lens, self._r.target_length)
+        h = self.extractors[src](x, length)
+        rec = self.flows[dst].from_latent(self.flows[src].to_latent(h))
+        if refine:
+            rec = self.refiners[dst](rec)
+        out = self.decode(rec, dst)
+        if present is not None:
+            nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+            out = torch.where(present[:, None, None], out, nan)
+        return out
+
+    def _decoder_loss(self, batch: Batch, h: dict[str, Tensor]) -> Tensor | None:
+        """Mean over modalities of the MSE between ``G_m(sg[h_m])`` and ``x_m`` on present rows."""
+        if not len(self.decoders):
+            return None
+        terms = []
+        for j, m in enumerate(self.modalities):
+            rows = batch.mask[:, j].nonzero().squeeze(1)
+            if rows.numel():
+                x_hat = self.decoders[m](h[m].detach().index_select(0, rows))
+                terms.append(torch.mean((x_hat - batch.features[m].index_select(0, rows)) ** 2))
+        return torch.stack(terms).mean() if terms else None
 
     def predict(self, batch: Batch) -> Tensor:
         """``(B,)`` regression outputs or ``(B, K)`` logits; absent modalities are recovered."""
@@ -384,7 +520,12 @@ class DiCMoR(Method):
             h = self._extract(batch)
             pred = self.head(self.fusion(h, batch.mask))
             task = self._task_loss(pred, target)
-            return task, {"loss": float(task.detach()), "task": float(task.detach())}
+            parts = {"task": float(task.detach())}
+            dec = self._decoder_loss(batch, h)
+            if dec is not None:
+                task = task + self._r.input_decoder_weight * dec
+                parts["dec"] = float(dec.detach())
+            return task, {"loss": float(task.detach()), **parts}
 
         h = self._extract(batch)
         data = batch.mask
@@ -429,6 +570,11 @@ class DiCMoR(Method):
             "sim_missing_rate": float(1.0 - sim.float().mean()),
         }
         parts.update({f"nll_{m}": float(v.detach()) for m, v in nll_parts.items()})
+        dec = self._decoder_loss(batch, h)
+        if dec is not None:
+            total = total + self._r.input_decoder_weight * dec
+            parts["dec"] = float(dec.detach())
+            parts["loss"] = float(total.detach())
         return total, parts
 
 

@@ -18,6 +18,7 @@ Departures from the released code (``trains/singleTask/model/dicmor.py``):
 Shapes: every tensor is ``(batch, channels, time)``.
 
 Example:
+    >>> import torch
     >>> ext = ModalityExtractors({"L": 768, "A": 5, "V": 20}, d=32)
     >>> out = ext({"L": torch.randn(4, 768, 50), "A": torch.randn(4, 5, 375), "V": torch.randn(4, 20, 500)})
     >>> {m: tuple(h.shape) for m, h in out.items()}

@@ -16,6 +16,7 @@ In every case absent slots are replaced *before* any layer reads them, so NaN pl
 reach the output or the gradients.
 
 Example:
+    >>> import torch
     >>> fusion = build_fusion("late", ("L", "A", "V"), d=32)
     >>> feats = {m: torch.randn(4, 32, 50) for m in "LAV"}
     >>> present = torch.tensor([[True, True, False]] * 4)
@@ -30,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .mult import MulT
+from .mult import MulT, MulTConfig
 
 __all__ = ["Fusion", "MulTFusion", "ConcatMLPFusion", "LateFusion", "build_fusion", "FUSIONS"]
 
@@ -110,6 +111,12 @@ class MulTFusion(Fusion):
         super().__init__(modalities, d)
         self.mult = MulT(self.modalities, d=d, **mult_kwargs)
         self.out_dim = self.mult.out_dim
+
+    @classmethod
+    def from_config(cls, modalities: Sequence[str], config: MulTConfig) -> "MulTFusion":
+        """Build from a :class:`MulTConfig` (e.g. ``MulTConfig.mosi()``)."""
+        kwargs = config.mult_kwargs()
+        return cls(modalities, kwargs.pop("d"), **kwargs)
 
     def fuse(self, features: Mapping[str, Tensor], present: Tensor | None) -> Tensor:
         return self.mult(features, present)

@@ -9,6 +9,7 @@ with :math:`W_1: D \to H`, :math:`W_2: H \to D` (``H = D`` by default). DiCMoR's
 (MOSI .5, MOSEI .2) is this head's ``dropout``.
 
 Example:
+    >>> import torch
     >>> head = build_head("regression", in_dim=192, dropout=0.5)
     >>> head(torch.randn(4, 192)).shape
     torch.Size([4])

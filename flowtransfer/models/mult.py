@@ -47,6 +47,7 @@ Presets (DiCMoR supplementary, METHODS §1.4): MOSI ``d=32, heads=8, layers=4`` 
 ``d=64, heads=8, layers=6``; see :class:`MulTConfig`.
 
 Example:
+    >>> import torch
     >>> mult = MulT(("L", "A", "V"), d=32, heads=8, layers=4)
     >>> z = mult({m: torch.randn(2, 32, 50) for m in "LAV"})
     >>> z.shape, mult.out_dim
@@ -373,6 +374,8 @@ class MulT(nn.Module):
             raise ValueError(f"MulT needs 2 or more distinct modalities, got {modalities}")
         if d < 1 or heads < 1 or layers < 1:
             raise ValueError(f"d, heads, layers must be >= 1, got {d}, {heads}, {layers}")
+        if memory_layers is not None and memory_layers < 0:
+            raise ValueError(f"memory_layers must be >= 0, got {memory_layers}")
         if d % heads:
             raise ValueError(f"d={d} is not divisible by heads={heads}")
         if pool not in ("last", "mean"):
@@ -397,8 +400,10 @@ class MulT(nn.Module):
             (t, s) for t in modalities for s in modalities if s != t
         )
         self._dir_attn_p = [float(by_source.get(s, attn_dropout)) for _, s in self.directions]
-        self.register_buffer("_tgt_idx", torch.tensor([modalities.index(t) for t, _ in self.directions]), persistent=False)
-        self.register_buffer("_src_idx", torch.tensor([modalities.index(s) for _, s in self.directions]), persistent=False)
+        tgt = torch.tensor([modalities.index(t) for t, _ in self.directions])
+        src = torch.tensor([modalities.index(s) for _, s in self.directions])
+        self.register_buffer("_tgt_idx", tgt, persistent=False)
+        self.register_buffer("_src_idx", src, persistent=False)
         self.crossmodal = StackedTransformer(len(self.directions), d, heads, layers, cross=True)
         self.memory = StackedTransformer(m, (m - 1) * d, heads, self.memory_layers, cross=False)
         self.out_dim = m * (m - 1) * d

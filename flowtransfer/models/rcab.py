@@ -14,6 +14,7 @@ convolutions and no normalisation. Residual group: ``B`` RCABs, a ``k = 3`` conv
 from the group input.
 
 Example:
+    >>> import torch
     >>> refiner = Refiner(d=32)            # hidden 64, 20 RCABs, bottleneck 4 channels
     >>> refiner(torch.randn(8, 32, 50)).shape
     torch.Size([8, 32, 50])
