@@ -8,7 +8,7 @@ Figures, per implementation:
 - ``log_prob``: one ``log_prob(x, y)`` under ``no_grad``, eval mode;
 - ``inverse``: one latent-to-data pass under ``no_grad``, eval mode;
 - ``train step``: ``log_prob`` -> bits/dim loss -> ``backward`` -> ``Adam.step``, train mode;
-- ``peak MB``: the increase of the process's peak resident set size (``ru_maxrss``) caused by 3
+- ``peak MB``: the increase of the process's peak resident set size (``VmHWM``) caused by 3
   training steps, measured in a fresh subprocess per implementation after the model and data are
   built (so it counts activations, gradients and optimiser state, not the Python/torch baseline).
 
@@ -151,14 +151,26 @@ def prepare(name):
     return {"log_prob": run_log_prob, "inverse": run_inverse, "train step": run_step}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size (``VmHWM``; unlike ``ru_maxrss`` it is not inherited
+    from the parent across ``exec``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def peak_memory_child(name):
     torch.set_num_threads(2)
     fns = prepare(name)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_mb()
     for _ in range(3):
         fns["train step"]()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
+    print(json.dumps({"peak_mb": _peak_rss_mb() - before}))
 
 
 def main():
@@ -171,6 +183,10 @@ def main():
         return peak_memory_child(args._memory_child)
     torch.set_num_threads(2)
     names = args.only.split(",")
+    mem = {}
+    for n in names:  # one fresh subprocess each, before the parent grows
+        out = subprocess.run([sys.executable, __file__, "--_memory_child", n], capture_output=True, text=True)
+        mem[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"] if out.returncode == 0 else float("nan")
     fns = {n: prepare(n) for n in names}
     figures = ["log_prob", "inverse", "train step"]
     times = {n: {f: [] for f in figures} for n in names}
@@ -184,11 +200,6 @@ def main():
                 fns[n][f]()
                 times[n][f].append(time.perf_counter() - t0)
     med = {n: {f: 1e3 * statistics.median(times[n][f]) for f in figures} for n in names}
-    mem = {}
-    for n in names:
-        out = subprocess.run([sys.executable, __file__, "--_memory_child", n], capture_output=True, text=True)
-        mem[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"] if out.returncode == 0 else float("nan")
-
     print(f"B={B} C={C} T={T} steps={LAYERS} hidden={HIDDEN} kernel={K} classes={CLASSES}, "
           f"CPU threads={torch.get_num_threads()}, torch {torch.__version__}, {args.rounds} alternating rounds")
     head = f"{'implementation':<24}" + "".join(f"{f + ' ms':>15}" for f in figures) + f"{'peak MB':>10}"

@@ -72,7 +72,7 @@ def chirp(n: int, sr: int = 8000, seed: int = 0) -> np.ndarray:
     [
         (MFCCConfig(), 4000),
         (MFCCConfig(), 150),  # shorter than one frame: zero-padded
-        (MFCCConfig(preemphasis=0.0, n_fft=512, n_mels=26, n_mfcc=13, fmin=50.0, fmax=3800.0), 6001),
+        (MFCCConfig(preemphasis=0, n_fft=512, n_mels=26, n_mfcc=13, fmin=50, fmax=3800), 6001),
         (MFCCConfig(framing="fixed", hop_length=200), 3000),
         (MFCCConfig(framing="fixed", hop_length=200), 6000),  # cropped
     ],

@@ -113,7 +113,7 @@ def test_pca_with_fewer_samples_than_pixels():
         small = PCADegradation(0.6, mode).fit(x)
         assert small.components_.shape[0] == 30
         big = PCADegradation(0.6, mode)
-        big.fit(np.concatenate([x, x]))  # N >= D path: same directions, variances scaled by (n-1)/(2n-1)
+        big.fit(np.concatenate([x, x]))  # N >= D path: same directions, rescaled variances
         np.testing.assert_allclose(small.transform(x), big.transform(x), atol=1e-8)
 
 
@@ -204,11 +204,12 @@ def test_build_shapes_pairing_splits_and_cache(sources, tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("avmnist-*.npz"))) == 2
 
 
-def test_clean_build_equals_direct_computation(sources, tmp_path):
-    """Without noise, degradation or standardisation, V is the image (rows as time) and A its MFCC."""
+def test_clean_build_equals_direct_computation(sources):
+    """Without noise, degradation or standardisation: V is the image (rows as time), A its MFCC."""
     n = 12
     ds = load_avmnist(
-        sources, snr_db=None, pca_energy_removed=0.0, standardize=False, max_per_split=n, cache=False
+        sources, snr_db=None, pca_energy_removed=0.0, standardize=False, max_per_split=n,
+        cache=False,
     )
     images, labels = load_mnist(sources / "mnist")
     d = ds["test"]
@@ -219,7 +220,8 @@ def test_clean_build_equals_direct_computation(sources, tmp_path):
     np.testing.assert_allclose(d.features["V"], images[idx].transpose(0, 2, 1) / 255.0, atol=1e-6)
     for i in (0, n - 1):
         x, sr = read_wav(sources / "fsdd" / "recordings" / d.extras["audio_file"][i])
-        np.testing.assert_allclose(d.features["A"][i], mfcc(x, sr, MFCCConfig()), rtol=1e-5, atol=1e-4)
+        expected = mfcc(x, sr, MFCCConfig())
+        np.testing.assert_allclose(d.features["A"][i], expected, rtol=1e-5, atol=1e-4)
 
 
 def test_missing_sources_error(tmp_path):

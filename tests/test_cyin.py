@@ -107,8 +107,12 @@ def test_stages_and_loss_parts():
     _, parts = m.loss(b)
     assert parts["tran"] > 0.0 and parts["stage"] == 2.0
     assert {"task", "tib", "lib"} <= set(parts)
-    m2 = CyIN(DatasetInfo.from_dataset(ds), share_reverse=True, **TINY)
+    m2 = CyIN(DatasetInfo.from_dataset(ds), share_reverse=True, detach_translation=True, stage1_epochs=0, **TINY)
     assert len(m2.translators) == 3 and len(m.translators) == 6
+    loss, parts = m2.loss(b)
+    assert parts["tran"] > 0.0
+    loss.backward()  # the translation term reaches the translators only; the task still trains all
+    assert m2.translators["A_L"].blocks[0].net[-1].weight.grad is not None
 
 
 def test_cyin_trains_through_trainer():

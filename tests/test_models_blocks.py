@@ -433,3 +433,18 @@ def test_attention_dropout_path_matches_fused_kernel(causal):
     manual = _attention(q, k, v, mask, is_causal, p=1e-9, training=True)
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     torch.testing.assert_close(manual, fused)
+
+
+def test_attention_dropout_per_stream():
+    from flowtransfer.models.mult import _attention
+
+    torch.manual_seed(15)
+    p_streams, batch, heads, t = 2, 50, 2, 16
+    q, k = torch.randn(p_streams * batch, heads, t, 4), torch.randn(p_streams * batch, heads, t, 4)
+    v = torch.eye(t).expand(p_streams * batch, heads, t, t)  # output = (dropped) attention weights
+    weights = (q @ k.transpose(-1, -2) / 2).softmax(-1)
+    out = _attention(q, k, v, None, False, p=[0.0, 0.5], training=True).view(p_streams, batch, heads, t, t)
+    torch.testing.assert_close(out[0], weights.view(p_streams, batch, heads, t, t)[0])
+    kept = out[1] != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.02
+    torch.testing.assert_close(out[1][kept], 2 * weights.view(p_streams, batch, heads, t, t)[1][kept])

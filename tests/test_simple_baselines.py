@@ -242,3 +242,22 @@ def test_hparams_rebuild_the_method(name):
     again.eval()
     with torch.no_grad():
         assert torch.equal(m.predict(b), again.predict(b))
+
+
+def test_single_modality_models_follow_the_backbone_fusion():
+    ds = tiny_dataset(10)
+    info = DatasetInfo.from_dataset(ds)
+    temporal = Unimodal(info, modality="A", preset="small", d=8, mult={"heads": 2, "layers": 1})
+    assert temporal.model.fusion.temporal and not Unimodal(info, modality="A", **TINY).model.fusion.temporal
+    b = simulate_missing(ds.full_batch(), rate=0.5, generator=torch.Generator().manual_seed(2))
+    loss, _ = temporal.loss(b)
+    loss.backward()
+    temporal.eval()
+    with torch.no_grad():
+        out = temporal.predict(b)
+        # the order of time steps matters to the temporal encoder, not to the time mean
+        flipped = restrict_batch(b, b.modalities)
+        flipped.features["A"] = b.features["A"].flip(-1)
+        rows = b.mask[:, 1]
+        assert not torch.allclose(temporal.predict(flipped)[rows], out[rows])
+    assert torch.isfinite(out).all()

@@ -9,13 +9,13 @@ Images (modality ``"V"``, ``(N, C=28, T=28)``)
     Pixels scaled to ``[0, 1]``, then degraded by PCA energy removal, fitted on the **train split
     only**: eigen-decompose the covariance of the centred training images, sort the components by
     variance ("energy"), and remove components until ``pca_energy_removed`` of the total variance
-    is gone. ``pca_mode="drop_leading"`` (default) removes the *leading* components (those carrying
-    the first 75% of the variance), keeping the low-energy tail plus the mean image: this is the
-    reading of the paper's "remove 75% of the energy" in which the image keeps about 25% of its
-    energy. ``pca_mode="keep_leading"`` instead keeps the fewest leading components that reach
-    ``1 - pca_energy_removed`` of the variance (a blur; a community reproduction instead keeps a
-    fixed 25% of the *components*, which keeps most energy). The image is then read as a sequence
-    of rows: time ``t`` = image row (top to bottom), channel ``c`` = pixel column.
+    is gone. ``pca_mode="drop_leading"`` (default) projects out the *leading* components (those
+    carrying the first ``pca_energy_removed`` of the variance), keeping the low-energy tail plus
+    the mean image: the reading of AV-MNIST's "remove 75% of the energy" in which the image keeps
+    about 25% of its energy (``pca_energy_removed=0.75`` reproduces that setting).
+    ``pca_mode="keep_leading"`` instead keeps the fewest leading components that reach
+    ``1 - pca_energy_removed`` of the variance (a blur). The image is then read as a sequence of
+    rows: time ``t`` = image row (top to bottom), channel ``c`` = pixel column.
 
 Audio (modality ``"A"``, ``(N, C=20, T=20)``)
     The paired FSDD recording (8 kHz) plus Gaussian white noise at ``snr_db`` (drawn per sample
@@ -37,8 +37,22 @@ Standardisation
     With ``standardize=True`` (default) each channel of each modality is z-scored with the mean
     and std of the train split (over samples and time).
 
-Defaults (``snr_db=0``, ``pca_energy_removed=0.75``) were chosen with a logistic-regression probe
-(``python -m flowtransfer.data.avmnist --probe``) so that each modality alone is far from perfect.
+Defaults: ``snr_db=0`` and ``pca_energy_removed=0.6`` (drop_leading), chosen with a
+logistic-regression probe on the full build (train 6000, test 3000, z-scored features; command
+``python -m flowtransfer.data.avmnist --probe``) so that neither modality alone is near-perfect:
+
+================================  ==============================
+setting                           logistic-regression test acc.
+================================  ==============================
+image-only, clean images          0.896
+image-only, 0.50/0.60/0.70/0.75   0.714 / 0.643 / 0.552 / 0.514
+audio-only, clean / SNR 10 dB     0.953 / 0.878
+audio-only, SNR 5 / 0 / -5 dB     0.827 / 0.739 / 0.630
+both, defaults (0.6, 0 dB)        0.843
+================================  ==============================
+
+The paper's 75% leaves the image at 0.51 with this linear probe on 6000 training images; the
+default removes 60% so that both modalities sit between 0.6 and 0.8.
 """
 
 from __future__ import annotations
@@ -154,10 +168,13 @@ def load_mnist(mnist_dir: str | os.PathLike, prefix: str = "t10k") -> tuple[np.n
     images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise IdxFormatError(f"MNIST images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
+        raise IdxFormatError(
+            f"MNIST images: expected uint8 (N, H, W), got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise IdxFormatError(
-            f"MNIST labels: expected shape ({images.shape[0]},) to match the images, got {labels.shape}"
+            f"MNIST labels: expected shape ({images.shape[0]},) to match the images, "
+            f"got {labels.shape}"
         )
     if labels.max(initial=0) > 9:
         raise IdxFormatError(f"MNIST labels: values must lie in 0..9, found {labels.max()}")
@@ -185,8 +202,8 @@ class PCADegradation:
 
     ``fit(X)`` on flattened training images ``(N, D)`` computes the mean ``mu`` and the principal
     directions ``u_1, u_2, ...`` of the centred data, sorted by decreasing variance
-    ``lambda_1 >= lambda_2 >= ...``. With cumulative energy ``E_k = sum_{i<=k} lambda_i / sum_i lambda_i``
-    and ``U_k = [u_1 ... u_k]``:
+    ``lambda_1 >= lambda_2 >= ...``. With cumulative energy
+    ``E_k = sum_{i<=k} lambda_i / sum_i lambda_i`` and ``U_k = [u_1 ... u_k]``:
 
     - ``mode="drop_leading"``: ``k`` is the smallest with ``E_k >= energy_removed`` and
       ``transform(X) = X - (X - mu) U_k U_k^T`` (the leading components are projected out; the
@@ -202,7 +219,9 @@ class PCADegradation:
         if not 0.0 <= energy_removed < 1.0:
             raise ValueError(f"energy_removed must lie in [0, 1), got {energy_removed}")
         if mode not in ("drop_leading", "keep_leading"):
-            raise ValueError(f"unknown PCA mode {mode!r} (expected 'drop_leading' or 'keep_leading')")
+            raise ValueError(
+                f"unknown PCA mode {mode!r} (expected 'drop_leading' or 'keep_leading')"
+            )
         self.energy_removed = float(energy_removed)
         self.mode = mode
 
@@ -223,15 +242,17 @@ class PCADegradation:
             gval, gvec = gval[order], gvec[:, order]
             rank = int(np.sum(gval > gval[0] * 1e-12)) if gval[0] > 0 else 0
             eigval = gval[:rank]
-            eigvec = (xc.T @ gvec[:, :rank]) / np.sqrt((n - 1) * eigval)  # unit principal directions
+            # unit principal directions from the Gram eigenvectors
+            eigvec = (xc.T @ gvec[:, :rank]) / np.sqrt((n - 1) * eigval)
         total = float(np.sum(xc**2) / (n - 1))
         if total <= 0.0:
             raise ValueError("PCA fit: the training images have zero variance")
         cum = np.cumsum(eigval) / total  # cum[k-1] = E_k
         target = self.energy_removed if self.mode == "drop_leading" else 1.0 - self.energy_removed
-        k = 0 if self.energy_removed == 0.0 else min(int(np.searchsorted(cum, target - 1e-12)) + 1, cum.size)
-        if self.mode == "keep_leading" and self.energy_removed == 0.0:
-            k = cum.size
+        if self.energy_removed == 0.0:
+            k = 0 if self.mode == "drop_leading" else cum.size
+        else:
+            k = min(int(np.searchsorted(cum, target - 1e-12)) + 1, cum.size)
         self.components_ = eigvec[:, :k]  # (D, k)
         self.explained_ = eigval
         lead = float(cum[k - 1]) if k > 0 else 0.0
@@ -264,7 +285,8 @@ def _shared_root() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``$FLOWTRANSFER_CACHE``, else ``$XDG_CACHE_HOME/flowtransfer``, else ``~/.cache/flowtransfer``."""
+    """``$FLOWTRANSFER_CACHE``, else ``$XDG_CACHE_HOME/flowtransfer``, else
+    ``~/.cache/flowtransfer``."""
     if os.environ.get("FLOWTRANSFER_CACHE"):
         return Path(os.environ["FLOWTRANSFER_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -291,7 +313,7 @@ def _pair(
 def build_avmnist_arrays(
     root: str | os.PathLike,
     snr_db: float | None = 0.0,
-    pca_energy_removed: float = 0.75,
+    pca_energy_removed: float = 0.6,
     pca_mode: str = "drop_leading",
     seed: int = 0,
     noise_color: str = "white",
@@ -332,8 +354,10 @@ def build_avmnist_arrays(
             hi = min(hi, lo + max_per_split)
         index[split] = np.arange(lo, hi)
 
-    flat = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
-    pca = PCADegradation(pca_energy_removed, pca_mode).fit(flat[index["train"]])
+    def flat(idx: np.ndarray) -> np.ndarray:  # (n, H*W) in [0, 1]
+        return images[idx].reshape(idx.size, -1).astype(np.float64) / 255.0
+
+    pca = PCADegradation(pca_energy_removed, pca_mode).fit(flat(index["train"]))
 
     wav_cache: dict[str, tuple[np.ndarray, int]] = {}
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -353,7 +377,7 @@ def build_avmnist_arrays(
                 wav_cache[name] = read_wav(recordings / name)
             x, sr = wav_cache[name]
             audio[i] = mfcc(add_noise(x, snr_db, noise_rng, noise_color), sr, cfg)
-        img = pca.transform(flat[idx]).reshape(idx.size, *images.shape[1:])  # (N, rows, cols)
+        img = pca.transform(flat(idx)).reshape(idx.size, *images.shape[1:])  # (N, rows, cols)
         out[split] = {
             "V": np.ascontiguousarray(img.transpose(0, 2, 1)),  # (N, C=cols, T=rows)
             "A": audio,
@@ -403,7 +427,7 @@ def load_avmnist(
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
     snr_db: float | None = 0.0,
-    pca_energy_removed: float = 0.75,
+    pca_energy_removed: float = 0.6,
     seed: int = 0,
     *,
     pca_mode: str = "drop_leading",
@@ -425,7 +449,8 @@ def load_avmnist(
             ``avmnist_sources``; with ``download=True`` and no sources there,
             ``<cache_dir>/avmnist_sources``.
         download: fetch missing sources (MNIST from the ossci-datasets mirror, FSDD from its
-            GitHub release archive), verified (:func:`flowtransfer.data.download.fetch_avmnist_sources`).
+            GitHub release archive), verified
+            (:func:`flowtransfer.data.download.fetch_avmnist_sources`).
         cache_dir: where built features are cached (default :func:`default_cache_dir`). The cache
             file name is a hash of every build parameter and of the source file names and sizes;
             it is written atomically and reused on later calls.
@@ -541,7 +566,8 @@ def _probe(args: argparse.Namespace) -> None:
             )
             tr, te = a["train"], a["test"]
             if j == 0:  # the image features do not depend on the SNR
-                print(f"pca_removed={pca:.2f} mode={args.pca_mode}: image-only {score(tr, te, ('V',)):.3f}")
+                acc = score(tr, te, ("V",))
+                print(f"pca_removed={pca:.2f} mode={args.pca_mode}: image-only {acc:.3f}")
             msg = f"  snr_db={snr}: audio-only {score(tr, te, ('A',)):.3f}"
             if args.both:
                 msg += f", both {score(tr, te, ('V', 'A')):.3f}"
@@ -549,11 +575,13 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Build AV-MNIST-style data; --probe prints unimodal accuracies.")
+    p = argparse.ArgumentParser(
+        description="Build AV-MNIST-style data; --probe prints unimodal accuracies."
+    )
     p.add_argument("--root", type=Path, default=_shared_root())
     p.add_argument("--probe", action="store_true")
     p.add_argument("--snr", nargs="+", default=["clean", "10", "5", "0", "-5"])
-    p.add_argument("--pca", nargs="+", type=float, default=[0.75])
+    p.add_argument("--pca", nargs="+", type=float, default=[0.6])
     p.add_argument("--pca-mode", default="drop_leading")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--C", type=float, default=1.0)

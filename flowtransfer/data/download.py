@@ -181,7 +181,8 @@ def check_fsdd_manifest(recordings: str | os.PathLike, n_takes: int = 50) -> lis
     if missing or extra:
         raise DownloadError(
             f"{recordings} is not the expected FSDD release ({len(expected)} recordings): "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
+            f"{len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:3]})"
         )
     return sorted(found)
 
@@ -246,7 +247,8 @@ def fetch_avmnist_sources(
 ) -> Path:
     """Download and verify the AV-MNIST sources into ``root`` (skipping what is already there).
 
-    Layout written: ``root/mnist/t10k-images-idx3-ubyte.gz``, ``root/mnist/t10k-labels-idx1-ubyte.gz``
+    Layout written: ``root/mnist/t10k-images-idx3-ubyte.gz``,
+    ``root/mnist/t10k-labels-idx1-ubyte.gz``
     (verified by the sha256 of their decompressed content) and ``root/fsdd/recordings/*.wav``
     (verified as the 3000-file FSDD manifest; the archive itself has no published checksum).
     The URL, checksum and ``fsdd_takes`` (takes per digit and speaker, 50 in the release)
@@ -254,7 +256,9 @@ def fetch_avmnist_sources(
     """
     root = Path(root)
     urls = MNIST_URLS if mnist_urls is None else mnist_urls
-    sums = MNIST_DECOMPRESSED_SHA256 if mnist_decompressed_sha256 is None else mnist_decompressed_sha256
+    sums = mnist_decompressed_sha256
+    if sums is None:
+        sums = MNIST_DECOMPRESSED_SHA256
     for name, url in urls.items():
         download(url, root / "mnist" / name, decompressed_sha256=sums.get(name), timeout=timeout)
     recordings = root / "fsdd" / "recordings"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .actnorm import ActNorm
 from .checks import InvertibilityReport, LogdetReport, check_invertibility, check_logdet
-from .coupling import SCALE_FUNCTIONS, AffineCoupling, coupling_network
+from .coupling import SCALE_FUNCTIONS, AffineCoupling, PointwiseConv1d, coupling_network
 from .linear import ChannelFlip, ChannelPermutation, InvertibleConv1x1
 from .prior import ClassConditionalGaussian
 from .temporal_flow import MIXINGS, FlowStep, TemporalFlow
@@ -25,6 +25,7 @@ __all__ = [
     "InvertibleConv1x1",
     "LogdetReport",
     "MIXINGS",
+    "PointwiseConv1d",
     "SCALE_FUNCTIONS",
     "TemporalFlow",
     "check_invertibility",

@@ -32,8 +32,9 @@ Departures:
   then train the classifier). The reconstruction target is detached, so the extractors cannot
   shrink their features to make reconstruction trivial.
 * Sub-models that see a single modality cannot use the fusion modules (they need two or more
-  modalities): they use :class:`SingleModalityFusion` (time mean + MLP, the one-modality
-  ``concat`` fusion) at the same width.
+  modalities): they use :class:`SingleModalityFusion` at the same width: a self-attention
+  transformer over time when the backbone fuses with MulT (its single-stream path), the time mean
+  and an MLP when it uses ``concat`` or ``late``.
 * ``specialists`` sums the specialists' losses into one scalar for the shared trainer; parameters
   are disjoint, so each specialist gets its own gradient (a global gradient-norm clip couples them).
 """
@@ -44,11 +45,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import math
+
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from flowtransfer.data.dataset import Batch
 from flowtransfer.models.extractors import ModalityExtractors
+from flowtransfer.models.mult import sinusoidal_positions
 
 from .base import DatasetInfo, Method, register_method, simulate_missing
 from .fusion_model import FusionModel, build_head_for, task_loss_for
@@ -165,18 +170,32 @@ def _fusion_config(config: FusionConfig | Mapping[str, Any] | str | None, preset
 
 
 class SingleModalityFusion(nn.Module):
-    r"""The one-modality counterpart of the ``concat`` fusion: time mean, then an MLP.
+    r"""The one-modality counterpart of the fusion modules (which need two or more modalities).
 
-    :math:`z = W_2\,\mathrm{ReLU}(W_1 \bar h + b_1) + b_2` with :math:`\bar h` the time mean of
-    ``(B, d, T)``; ``out_dim = d``. An absent slot (``present`` False) is zeroed first.
-    (:mod:`flowtransfer.models.fusion` requires two or more modalities.)
+    * ``temporal=True`` (backbones with the ``mult`` fusion): MulT's single-stream path, a pre-LN
+      self-attention transformer over time (input scaled by :math:`\sqrt d`, sinusoidal positions,
+      ``layers`` layers of ``heads`` heads, dropout ``dropout``), pooled at the last step or by the
+      mean (``pool``).
+    * ``temporal=False`` (``concat`` / ``late``): the time mean, then an MLP
+      :math:`W_2\,\mathrm{ReLU}(W_1 \bar h + b_1) + b_2`.
+
+    ``out_dim = d``; an absent slot (``present`` False) is zeroed first.
+    Shapes: ``forward({m: (B, d, T)}, present (B, 1) | None) -> (B, d)``.
     """
 
-    def __init__(self, modality: str, d: int) -> None:
+    def __init__(self, modality: str, d: int, temporal: bool = False, heads: int = 4, layers: int = 2,
+                 dropout: float = 0.1, pool: str = "last") -> None:
         super().__init__()
+        if pool not in ("last", "mean"):
+            raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
         self.modalities = (modality,)
         self.d = self.out_dim = d
-        self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.temporal, self.pool = temporal, pool
+        if temporal:
+            layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout, batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
 
     def forward(self, features: Mapping[str, Tensor], present: Tensor | None = None) -> Tensor:
         (m,) = self.modalities
@@ -185,7 +204,11 @@ class SingleModalityFusion(nn.Module):
             raise ValueError(f"modality {m!r}: expected (batch, {self.d}, T), got {tuple(x.shape)}")
         if present is not None:
             x = torch.where(present[:, 0].view(-1, 1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return self.mlp(x.mean(dim=-1))
+        if not self.temporal:
+            return self.mlp(x.mean(dim=-1))
+        z = rearrange(x, "b c t -> b t c") * math.sqrt(self.d)
+        z = self.encoder(z + sinusoidal_positions(z.shape[1], self.d, z.device, z.dtype))
+        return z[:, -1] if self.pool == "last" else z.mean(dim=1)
 
 
 class SingleModalityModel(FusionModel):
@@ -201,7 +224,9 @@ class SingleModalityModel(FusionModel):
         self.complete_only = False
         self.extractors = ModalityExtractors(self.info.input_dims, config.d, config.extractor_kernel,
                                              config.target_length)
-        self.fusion = SingleModalityFusion(m, config.d)
+        mult = config.mult
+        self.fusion = SingleModalityFusion(m, config.d, temporal=config.fusion == "mult", heads=mult.heads,
+                                          layers=mult.layers, dropout=mult.attn_dropout, pool=mult.pool)
         self.head = build_head_for(self.info, self.fusion.out_dim, config)
         self._task_loss = task_loss_for(self.info.task)
         self.register_buffer(f"fill_mean_{m}", torch.zeros(self.info.input_dims[m], 1))

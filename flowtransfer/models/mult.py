@@ -20,12 +20,12 @@ kept; the ``M`` vectors are concatenated: output ``(B, M (M-1) d)`` ordered targ
 ``modalities`` order.
 
 **Efficiency.** The parameters of all directions are stacked (``(P, d_in, d_out)`` tensors) and all
-directions with the same lengths run as one batched matmul per projection, one
-``scaled_dot_product_attention`` call per layer; the sinusoidal table and causal masks are cached
-by length; dropouts with ``p = 0`` (or in eval mode) are skipped and the others draw one ``int16``
-per element (see :func:`_dropout`); there is no loop over samples.
-With ``pool="last"`` the memory transformers' last layer computes its queries, output projection
-and feed-forward for the last step only (the other steps of that layer are never read).
+directions with the same lengths run as one batched matmul per projection and one attention call
+per layer (per-direction attention dropouts included); the sinusoidal table and causal masks are
+cached by length; dropouts with ``p = 0`` (or in eval mode) are skipped and the others draw one
+``int16`` per element (see :func:`_dropout`); there is no loop over samples. With ``pool="last"`` the
+memory transformers' last layer computes its queries, output projection and feed-forward for the
+last step only (the other steps of that layer are never read).
 
 **Where this departs from DiCMoR's copy** (``trains/subNets/transformers_encoder``, METHODS §2.3):
 
@@ -37,6 +37,8 @@ and feed-forward for the last step only (the other steps of that layer are never
   (the usual lower-triangular mask when lengths match).
 * residual form: the same pre-LN layer as DiCMoR's code (raw input on the residual; the paper adds
   ``LN(input)``), but queries and keys/values have separate LayerNorms (DiCMoR shares one).
+* the embedding is :math:`\sqrt d\,X + \mathrm{PE}` as in DiCMoR, with positions ``0 .. T-1``
+  (DiCMoR's fairseq table starts at 1).
 * embedding dropout is drawn once per modality and shared by its uses as query and as source
   (DiCMoR draws a fresh mask for ``x``, ``x_k`` and ``x_v``).
 * the output dropout ``out_dropout`` acts on the fused representation; DiCMoR's
@@ -89,19 +91,35 @@ def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * ((draws >= k).to(x.dtype) * (_DROP_LEVELS / (_DROP_LEVELS - k)))
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, p: float,
-               training: bool) -> Tensor:
-    """Multi-head attention on ``(N, H, T, e)`` tensors. Without attention dropout this is
-    ``scaled_dot_product_attention`` (the fused CPU kernel); with it, softmax then :func:`_dropout`
-    (the fused kernel has no dropout on CPU, and its math fallback adds masking checks)."""
-    if not training or p <= 0:
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+               p: float | Sequence[float], training: bool) -> Tensor:
+    """Multi-head attention on ``(N, H, T, e)`` tensors, ``N = P * B`` for ``P`` stacked streams.
+
+    ``p`` is the attention-weight dropout, one float or one per stream (``len(p) == P``). Without
+    dropout this is ``scaled_dot_product_attention`` (the fused CPU kernel); with it, an explicit
+    softmax then :func:`_dropout` (the fused kernel has no dropout on CPU, and its math fallback adds
+    masking checks).
+    """
+    ps = [float(p)] if isinstance(p, (int, float)) else [float(x) for x in p]
+    if not training or max(ps) <= 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
     if is_causal:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(_dropout(scores.softmax(dim=-1), p, training), v)
+    weights = scores.softmax(dim=-1)
+    if len(set(ps)) == 1:
+        weights = _dropout(weights, ps[0], training)
+    else:  # per-stream probabilities, same int16 draw rule as _dropout
+        ks = torch.tensor([round(_DROP_LEVELS * x) for x in ps], device=q.device)
+        shape = (len(ps), -1) + (1,) * (weights.dim() - 1)
+        grouped = weights.view(len(ps), -1, *weights.shape[1:])
+        draws = torch.empty(grouped.shape, dtype=torch.int16, device=q.device).random_()
+        keep = draws >= ks.view(shape).to(torch.int16)
+        scale = (_DROP_LEVELS / (_DROP_LEVELS - ks)).to(weights.dtype).view(shape)
+        weights = (grouped * (keep.to(weights.dtype) * scale)).view(weights.shape)
+    return torch.matmul(weights, v)
 
 
 _PE_CACHE: dict[tuple, Tensor] = {}
@@ -196,7 +214,7 @@ class _StackedLayer(nn.Module):
         source: Tensor | None,
         shape: tuple[int, int, int],
         idx: Tensor | None,
-        attn_p: float,
+        attn_p: float | Sequence[float],
         relu_p: float,
         res_p: float,
         causal: bool,
@@ -242,7 +260,8 @@ class StackedTransformer(nn.Module):
     ``forward(x, source=None, idx=None, ...)`` takes ``x`` of shape ``(P, B, T_q, dim)`` (and, for
     cross-attention, ``source`` ``(P, B, T_k, dim)``, the fixed keys/values of every layer) and
     returns ``(P, B, T_q, dim)`` after a final LayerNorm. ``idx`` (``(P,)`` long) selects which of the
-    ``streams`` parameter sets to use; ``None`` means all, in order. ``last_only=True`` returns only
+    ``streams`` parameter sets to use; ``None`` means all, in order. ``attn_p`` is one attention
+    dropout probability or one per stream. ``last_only=True`` returns only
     the last step, ``(P, B, 1, dim)``, and computes the last layer's queries, output projection and
     feed-forward for that step alone (exact: no other step of the last layer reaches it).
     """
@@ -260,7 +279,7 @@ class StackedTransformer(nn.Module):
         x: Tensor,
         source: Tensor | None = None,
         idx: Tensor | None = None,
-        attn_p: float = 0.0,
+        attn_p: float | Sequence[float] = 0.0,
         relu_p: float = 0.0,
         res_p: float = 0.0,
         causal: bool = False,
@@ -444,12 +463,13 @@ class MulT(nn.Module):
         streams: list[Tensor | None] = [None] * n_dir
         aligned = len(set(lengths)) == 1
         stacked = torch.stack(z0) if aligned else None  # (M, B, T, d)
-        # group the directions that can share one batched pass: same lengths and attention dropout
+        # group the directions that can share one batched pass: same target and source lengths
         groups: dict[tuple, list[int]] = {}
         for k, (t, s) in enumerate(self.directions):
-            key = (lengths[self.modalities.index(t)], lengths[self.modalities.index(s)], self._dir_attn_p[k])
+            key = (lengths[self.modalities.index(t)], lengths[self.modalities.index(s)])
             groups.setdefault(key, []).append(k)
-        for (_, _, attn_p), ks in groups.items():
+        for ks in groups.values():
+            attn_p = [self._dir_attn_p[k] for k in ks]
             if len(ks) == n_dir:
                 idx, tgt, src = None, self._tgt_idx, self._src_idx
             else:
