@@ -23,7 +23,7 @@ Figures:
 * ``median ms``: median over ``--rounds`` rounds after ``--warmup`` untimed steps per configuration;
   every round runs every configuration once, in turn, so that drifting machine load hits all alike.
   A training step = ``loss`` (forward) + ``backward`` + ``Adam.step``.
-* ``peak MB``: the process's peak resident set size (``ru_maxrss``) after 3 steps of that
+* ``peak MB``: the process's peak resident set size (``ru_maxrss``) after 2 steps of that
   configuration alone, in a fresh subprocess (Python + torch + model + data + activations +
   gradients + Adam state: the whole process, comparable with a ``max RSS`` figure), and ``+MB``, its
   increase over the peak right before the first step (activations, gradients, optimiser state).
@@ -166,30 +166,29 @@ def make_callable(model, opt, kind: str, situation: str) -> tuple[Callable[[], N
     return infer, None
 
 
-def run_one(model, opt, kind: str, situation: str) -> float:
+def run_one(model, opt, kind: str, situation: str) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of one step (CPU time sums every thread)."""
     fn, ctx = make_callable(model, opt, kind, situation)
     if ctx is None:
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        return time.perf_counter() - t0
+        return time.perf_counter() - w0, time.process_time() - c0
     with ctx:
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        return time.perf_counter() - t0
+        return time.perf_counter() - w0, time.process_time() - c0
 
 
-def configs() -> list[tuple[str, str, str]]:
-    return [(v, "train", s) for v in VARIANTS for s in TRAIN_SITUATIONS] + [
-        (v, "infer", s) for v in VARIANTS for s in INFER_SITUATIONS]
+def configs(variants=tuple(VARIANTS), train=TRAIN_SITUATIONS, infer=INFER_SITUATIONS) -> list[tuple[str, str, str]]:
+    return [(v, "train", s) for v in variants for s in train] + [(v, "infer", s) for v in variants for s in infer]
 
 
-def time_all(rounds: int, warmup: int) -> dict[tuple[str, str, str], list[float]]:
-    models = {v: build(v) for v in VARIANTS}
-    cfgs = configs()
+def time_all(cfgs: list[tuple[str, str, str]], rounds: int, warmup: int) -> dict[tuple[str, str, str], list[tuple[float, float]]]:
+    models = {v: build(v) for v in {c[0] for c in cfgs}}
     for v, kind, s in cfgs:
         for _ in range(warmup):
             run_one(*models[v], kind, s)
-    times: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    times: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
     for r in range(rounds):
         for v, kind, s in cfgs:
             times[(v, kind, s)].append(run_one(*models[v], kind, s))
@@ -197,24 +196,27 @@ def time_all(rounds: int, warmup: int) -> dict[tuple[str, str, str], list[float]
     return times
 
 
+MEMORY_STEPS = 2
+
+
 def memory_child(variant: str, kind: str, situation: str) -> dict[str, float]:
     model, opt = build(variant)
     fn, ctx = make_callable(model, opt, kind, situation)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if ctx is None:
-        for _ in range(3):
+        for _ in range(MEMORY_STEPS):
             fn()
     else:
         with ctx:
-            for _ in range(3):
+            for _ in range(MEMORY_STEPS):
                 fn()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_mb": after / 1024.0, "delta_mb": (after - before) / 1024.0}
 
 
-def memory_all(threads: int) -> dict[tuple[str, str, str], dict[str, float]]:
+def memory_all(cfgs: list[tuple[str, str, str]], threads: int) -> dict[tuple[str, str, str], dict[str, float]]:
     out = {}
-    for v, kind, s in configs():
+    for v, kind, s in cfgs:
         cmd = [sys.executable, __file__, "--memory-child", v, kind, s, "--threads", str(threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         out[(v, kind, s)] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -372,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default="paper,official")
+    p.add_argument("--train", default=",".join(TRAIN_SITUATIONS), help="training situations (comma list)")
+    p.add_argument("--infer", default=",".join(INFER_SITUATIONS), help="inference situations (comma list)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
@@ -382,42 +387,49 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_child(*args.memory_child)))
         return 0
 
+    split = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+    cfgs = configs(split(args.variants), split(args.train), split(args.infer))
     load = os.getloadavg()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    times = time_all(args.rounds, args.warmup)
-    mem = {} if args.no_memory else memory_all(args.threads)
+          f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    times = time_all(cfgs, args.rounds, args.warmup)
+    load_mid = os.getloadavg()
+    mem = {} if args.no_memory else memory_all(cfgs, args.threads)
     load_after = os.getloadavg()
 
-    header = (f"{'variant':<9} {'kind':<6} {'situation':<9} {'median ms':>9} {'min ms':>8} {'ref ms':>7} "
-              f"{'speed-up':>8} {'peak MB':>8} {'+MB':>6}")
+    header = (f"{'variant':<9} {'kind':<6} {'situation':<9} {'wall ms':>8} {'cpu ms':>8} {'ref ms':>7} "
+              f"{'ref/wall':>8} {'ref/cpu':>8} {'peak MB':>8} {'+MB':>6}")
     lines = [header, "-" * len(header)]
     record = []
-    for v, kind, s in configs():
+    for v, kind, s in cfgs:
         t = times[(v, kind, s)]
-        med, lo = statistics.median(t) * 1e3, min(t) * 1e3
+        wall = statistics.median(x[0] for x in t) * 1e3
+        cpu = statistics.median(x[1] for x in t) * 1e3
         ref = ref_for(kind, s) * 1e3
         mm = mem.get((v, kind, s), {})
-        lines.append(f"{v:<9} {kind:<6} {s:<9} {med:>9.0f} {lo:>8.0f} {ref:>7.0f} {ref / med:>8.2f} "
-                     f"{mm.get('peak_mb', float('nan')):>8.0f} {mm.get('delta_mb', float('nan')):>6.0f}")
-        record.append({"variant": v, "kind": kind, "situation": s, "median_ms": med, "min_ms": lo,
-                       "ref_ms": ref, "speedup": ref / med, **mm, "times_ms": [x * 1e3 for x in t]})
+        lines.append(f"{v:<9} {kind:<6} {s:<9} {wall:>8.0f} {cpu:>8.0f} {ref:>7.0f} {ref / wall:>8.2f} "
+                     f"{ref / cpu:>8.2f} {mm.get('peak_mb', float('nan')):>8.0f} {mm.get('delta_mb', float('nan')):>6.0f}")
+        record.append({"variant": v, "kind": kind, "situation": s, "wall_ms": wall, "cpu_ms": cpu,
+                       "ref_ms": ref, **mm, "samples_wall_cpu_ms": [(a * 1e3, b * 1e3) for a, b in t]})
     table = "\n".join(lines)
     print(table)
-    print(f"ref = released DiCMoR, measured by someone else on this kind of machine (issue 4); "
-          f"its peak {REF_PEAK_GB * 1024:.0f} MB. Load average after: {load_after[0]:.2f}.")
+    print(f"wall/cpu: medians over {args.rounds} rounds ({args.warmup} warm-up steps each); cpu = process CPU "
+          f"time (all threads). ref = released DiCMoR, measured by someone else on this kind of machine "
+          f"(issue 4), 2 threads, wall; its peak {REF_PEAK_GB * 1024:.0f} MB. ref/x > 1: ours faster. "
+          f"Load average: before {load[0]:.1f}, after timing {load_mid[0]:.1f}, after memory {load_after[0]:.1f}.",
+          flush=True)
 
     bds = {}
     if not args.no_breakdown:
-        for v in VARIANTS:
-            for kind, s in (("train", "all"), ("train", "one(V)"), ("infer", "one(V)")):
+        for v in split(args.variants):
+            for kind, s in (("train", "one(V)"), ("infer", "one(V)")):
                 b = breakdown(v, kind, s)
                 bds[f"{v} {kind} {s}"] = b
                 print()
-                print(format_breakdown(f"{v} {kind} {s}", b))
+                print(format_breakdown(f"{v} {kind} {s}", b), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"load_before": load, "load_after": load_after, "rows": record,
-                                                "breakdown": bds}, indent=1))
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "load_before": load, "load_mid": load_mid,
+                                                "load_after": load_after, "rows": record, "breakdown": bds}, indent=1))
     return 0
 
 

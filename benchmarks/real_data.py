@@ -103,9 +103,20 @@ def run_dataset(key: str, args: argparse.Namespace) -> Path:
         early_stop_patience=args.patience, out=str(runs), progress=args.progress,
     )
     start = time.perf_counter()
-    rows = run_experiment(cfg)
+    run_experiment(cfg)
     print(f"[{key}] finished in {time.perf_counter() - start:.0f} s", flush=True)
+    return collect(key, args, preset=preset, data=data)
 
+
+def collect(key: str, args: argparse.Namespace, preset: str | None = None, data: Path | None = None) -> Path:
+    """Copy the rows of ``<runs>/<key>/results.csv`` (complete or partial: a run writes it after every
+    method) into ``<out>/real_<key>_results.csv`` with a per-dataset table; return the CSV path."""
+    from flowtransfer.experiment import main_metrics
+    from flowtransfer.training import format_table, summarise
+    from flowtransfer.training.results import read_results, write_results
+
+    runs = Path(args.runs) / key
+    rows = read_results(runs / "results.csv")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"real_{key}_results.csv"
@@ -115,11 +126,22 @@ def run_dataset(key: str, args: argparse.Namespace) -> Path:
         rows = old + list(rows)
     write_results(rows, out, name=f"real_{key}_results")
     (out / f"real_{key}_results.json").unlink(missing_ok=True)  # the CSV is enough
-    (out / f"real_{key}_table.txt").write_text((runs / "table.txt").read_text())
-    settings = dict(preset=preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    max_steps_per_epoch=args.max_steps_per_epoch, early_stop_patience=args.patience,
-                    seeds=list(args.seeds), methods=list(args.methods), data=str(data), threads=args.threads)
-    (out / f"real_{key}_config.txt").write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
+    task = DATASETS[key][2]
+    metrics = [m for m in main_metrics(task) + list(FD) if any(r.get(m) is not None for r in rows)]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    (out / f"real_{key}_table.txt").write_text(
+        f"{key}: seeds {seeds} (mean ± std over seeds; percentages x100; fd_* Fréchet distances)\n"
+        + format_table(summarise(rows), metrics=metrics))
+    cfg_path = runs / "config.json"
+    if cfg_path.is_file():
+        import json
+
+        c = json.loads(cfg_path.read_text())
+        settings = dict(preset=c.get("preset"), epochs=c.get("epochs"), batch_size=c.get("batch_size"),
+                        lr=c.get("lr"), max_steps_per_epoch=c.get("max_steps_per_epoch"),
+                        early_stop_patience=c.get("early_stop_patience"), seeds_done=seeds,
+                        methods=c.get("methods"), data=c.get("data"))
+        (out / f"real_{key}_config.txt").write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
     return target
 
 
@@ -249,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="result tables")
     p.add_argument("--merge", action="store_true", help="keep rows of other seeds already in the result CSV")
     p.add_argument("--report-only", action="store_true", help="only rebuild the combined table")
+    p.add_argument("--collect-only", action="store_true",
+                   help="copy the (possibly partial) results of <runs>/<dataset> to --out, then report")
     p.add_argument("--progress", action="store_true", help="tqdm bars")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -257,7 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}")
     out = Path(args.out)
-    if not args.report_only:
+    if args.collect_only:
+        for key in keys:
+            collect(key, args)
+    elif not args.report_only:
         import torch
 
         torch.set_num_threads(args.threads)
