@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flowtransfer.data import MultimodalDataset, evaluation_settings, random_missing_mask
+from flowtransfer.data import MultimodalDataset, evaluation_settings, random_missing_mask, training_missing_mask
 from flowtransfer.data.missing import MissingSetting, save_masks
 from flowtransfer.data.summary import load_dataset
 from flowtransfer.io import atomic_write_json, atomic_write_text
@@ -79,6 +79,9 @@ class ExperimentConfig:
         method_options: per-method keyword arguments for :func:`build_method`.
         dataset_options: keyword arguments for the dataset loader (for example smaller synthetic
             splits: ``{"n_train": 200}``).
+        train_eta, train_eta_modality: SMIL's training setting: only a fraction ``train_eta`` of
+            the training (and validation) samples has ``train_eta_modality`` (default: the last
+            modality); ``None`` trains on complete data.
         out: output folder.
         progress: tqdm bars.
     """
@@ -101,6 +104,8 @@ class ExperimentConfig:
     max_steps_per_epoch: int | None = None
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    train_eta: float | None = None
+    train_eta_modality: str | None = None
     out: str = "runs/latest"
     progress: bool = True
 
@@ -194,6 +199,11 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     splits = load_dataset(cfg.dataset, cfg.data, **({"task": cfg.task} if cfg.task else {}), **cfg.dataset_options)
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     modalities = train.modalities
+    if cfg.train_eta is not None:
+        scarce = cfg.train_eta_modality or modalities[-1]
+        train = train.with_mask(training_missing_mask(len(train), modalities, cfg.train_eta, scarce, seed=0))
+        valid = valid.with_mask(training_missing_mask(len(valid), modalities, cfg.train_eta, scarce, seed=1))
+        log(f"training setting: only {cfg.train_eta:.0%} of training and validation samples have {scarce}")
     info = DatasetInfo.from_dataset(train)
     settings: list[MissingSetting] = evaluation_settings(modalities, cfg.rates, patterns=cfg.patterns)
     log(f"dataset {cfg.dataset}: train/valid/test {len(train)}/{len(valid)}/{len(test)}, "
@@ -205,6 +215,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         masks = {s.name: s.mask(len(test), seed) for s in settings}
         save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
         valid_mask = random_missing_mask(len(valid), modalities, cfg.valid_missing_rate, seed=seed + 104729)
+        if cfg.train_eta is not None:
+            valid_mask = None  # the validation split already carries the training setting's mask
         for name in cfg.methods:
             torch.manual_seed(seed)
             options = {"preset": cfg.resolved_preset(), **cfg.method_options.get(name, {})}
