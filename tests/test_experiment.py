@@ -114,4 +114,4 @@ def test_cli_transfer_with_default_model(tmp_path) -> None:
 def test_cli_check_default_model(capsys) -> None:
     assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert out.count("passed") >= 3
+    assert out.count("PASSED") == 6 and "all checks passed" in out

@@ -15,6 +15,12 @@ Departures from the released code (``trains/singleTask/model/dicmor.py``):
   image rows against 20 audio frames, ``T = 1`` vectors). The rule is :func:`common_length` followed
   by :func:`resample_time`, documented there.
 
+**Encoders (optional).** A modality may carry a learned encoder applied to its raw input before the
+convolution, e.g. :class:`~flowtransfer.models.text.BertTextEncoder` turning MMSA's ``text_bert``
+token rows ``(B, 3, T)`` into hidden states ``(B, 768, T)``. The encoder must keep the sequence
+length and expose ``out_channels`` (the convolution's input width); rows where the modality is
+absent are never passed to it.
+
 Shapes: every tensor is ``(batch, channels, time)``.
 
 Example:
@@ -83,11 +89,20 @@ def resample_time(x: Tensor, length: int) -> Tensor:
     return F.interpolate(x, size=length, mode="linear", align_corners=False)
 
 
+def _encoder_width(encoder: nn.Module, where: str) -> int:
+    width = getattr(encoder, "out_channels", None)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise TypeError(f"{where}: an encoder must expose an int attribute out_channels >= 1, got {width!r}")
+    return width
+
+
 class TemporalExtractor(nn.Module):
     r"""One modality's shallow extractor: ``Conv1d(in, out, k, padding='same', bias=False)``, then
-    resampling to ``target_length`` when one is set.
+    resampling to ``target_length`` when one is set; optionally an encoder runs first.
 
-    .. math:: h = \mathrm{resample}_{T^\star}\big(W * x\big), \quad x \in \mathbb R^{B\times C_{in}\times T}
+    .. math:: h = \mathrm{resample}_{T^\star}\big(W * E(x)\big), \quad x \in \mathbb R^{B\times C_{in}\times T}
+
+    with :math:`E` the identity unless ``encoder`` is given.
 
     Args:
         in_channels: input feature width :math:`C_{in}`.
@@ -96,6 +111,9 @@ class TemporalExtractor(nn.Module):
             zero-padded so the output keeps length ``T`` (the released code does not pad: 50 -> 46).
         target_length: if given, the output length; else the output keeps the input length.
         bias: add a bias (DiCMoR: no).
+        encoder: optional module ``(B, in_channels, T) -> (B, encoder.out_channels, T)`` applied
+            before the convolution (whose input width is then ``encoder.out_channels``). If it has an
+            ``in_channels`` attribute it must equal ``in_channels``.
 
     Shapes: ``(B, in_channels, T) -> (B, out_channels, target_length or T)``.
     """
@@ -107,6 +125,7 @@ class TemporalExtractor(nn.Module):
         kernel_size: int = 5,
         target_length: int | None = None,
         bias: bool = False,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -118,17 +137,60 @@ class TemporalExtractor(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.target_length = target_length
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, padding="same", bias=bias)
+        conv_in = in_channels
+        if encoder is not None:
+            conv_in = _encoder_width(encoder, "TemporalExtractor")
+            enc_in = getattr(encoder, "in_channels", None)
+            if enc_in is not None and int(enc_in) != in_channels:
+                raise ValueError(
+                    f"in_channels={in_channels} disagrees with the encoder's in_channels={enc_in} "
+                    "(with an encoder, in_channels is the width of the encoder's input)"
+                )
+        self.encoder = encoder
+        self.conv = nn.Conv1d(conv_in, out_channels, kernel_size, padding="same", bias=bias)
 
-    def forward(self, x: Tensor, length: int | None = None) -> Tensor:
-        """Extract ``(B, in_channels, T) -> (B, out_channels, L)``, ``L = length or target_length or T``."""
+    def encode(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Apply the encoder (identity without one): ``(B, in_channels, T) -> (B, conv_in, T)``.
+
+        ``rows`` (``(B,)`` bool) selects the rows that go through the encoder; the others come out
+        as zeros and their input is never read (it may hold NaN). Without an encoder, unselected
+        rows are zeroed in the same way.
+        """
+        if rows is not None:
+            if rows.dtype != torch.bool or rows.shape != (x.shape[0],):
+                raise ValueError(f"rows must be a ({x.shape[0]},) bool tensor, got {tuple(rows.shape)} {rows.dtype}")
+            if self.encoder is None:
+                return torch.where(rows.view(-1, 1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        if self.encoder is None:
+            return x
+        if rows is None:
+            h = self.encoder(x)
+        else:
+            idx = rows.nonzero().squeeze(1)
+            w = self.conv.weight
+            h = x.new_zeros((x.shape[0], self.conv.in_channels, x.shape[-1]), dtype=w.dtype, device=w.device)
+            if idx.numel():  # absent rows cost nothing and never reach the encoder
+                h = h.index_copy(0, idx, self.encoder(x.index_select(0, idx)).to(w.dtype))
+        if h.dim() != 3 or h.shape[0] != x.shape[0] or h.shape[1:] != (self.conv.in_channels, x.shape[-1]):
+            raise ValueError(
+                f"the encoder must map (batch, {self.in_channels}, T) to (batch, {self.conv.in_channels}, T); "
+                f"got {tuple(h.shape)} from input {tuple(x.shape)}"
+            )
+        return h
+
+    def forward(self, x: Tensor, length: int | None = None, rows: Tensor | None = None) -> Tensor:
+        """Extract ``(B, in_channels, T) -> (B, out_channels, L)``, ``L = length or target_length or T``.
+
+        ``rows``: optional ``(B,)`` bool of the rows to use; the others are zeros before the
+        convolution (and never reach the encoder), see :meth:`encode`.
+        """
         if x.dim() != 3 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input (batch, {self.in_channels}, time), got shape {tuple(x.shape)}"
             )
         if x.shape[-1] < 1:
             raise ValueError("input has zero time steps")
-        h = self.conv(x)
+        h = self.conv(self.encode(x, rows))
         length = length if length is not None else self.target_length
         return h if length is None else resample_time(h, length)
 
@@ -142,11 +204,17 @@ class ModalityExtractors(nn.ModuleDict):
         kernel_size: temporal kernel of every extractor (DiCMoR: 5).
         target_length: common output length; ``None`` uses :func:`common_length`'s rule (the
             shortest input length of the call).
+        encoders: optional ``{m: module}`` run on modality ``m``'s raw input before its convolution
+            (e.g. ``{"L": BertTextEncoder(...)}``); ``input_dims[m]`` is then the encoder's input
+            width (3 token rows for BERT) and the convolution reads ``encoder.out_channels``.
 
     ``forward(features, present=None)`` maps ``{m: (B, C_m, T_m)}`` to ``{m: (B, d, T*)}``. Pass the
     ``(B, M)`` presence mask (columns follow ``modalities``) when absent slots hold NaN: they are
     replaced by zeros *before* the convolution. (Masking after the convolution is not enough: the
     weight gradient multiplies the NaN input by a zero output gradient and becomes NaN.)
+    For a modality with an encoder, only the present rows go through the encoder (gathered with
+    ``index_select``, scattered back into zeros), so absent rows cost nothing and their content is
+    never read; the convolution sees zeros there, as for the other modalities.
     A subset of the modalities may be passed; the common length is then taken over that subset.
     """
 
@@ -157,15 +225,32 @@ class ModalityExtractors(nn.ModuleDict):
         kernel_size: int = 5,
         target_length: int | None = None,
         bias: bool = False,
+        encoders: Mapping[str, nn.Module] | None = None,
     ) -> None:
         if not input_dims:
             raise ValueError("ModalityExtractors needs at least one modality")
+        encoders = dict(encoders or {})
+        unknown = [m for m in encoders if m not in input_dims]
+        if unknown:
+            raise KeyError(f"encoders given for unknown modalities {unknown}; input_dims has {list(input_dims)}")
+        for m, enc in encoders.items():
+            if not isinstance(enc, nn.Module):
+                raise TypeError(f"modality {m!r}: encoder must be an nn.Module, got {type(enc).__name__}")
+            _encoder_width(enc, f"modality {m!r}")
         super().__init__(
-            {m: TemporalExtractor(int(c), d, kernel_size, None, bias) for m, c in input_dims.items()}
+            {
+                m: TemporalExtractor(int(c), d, kernel_size, None, bias, encoder=encoders.get(m))
+                for m, c in input_dims.items()
+            }
         )
         self.modalities: tuple[str, ...] = tuple(input_dims)
         self.d = d
         self.target_length = target_length
+
+    @property
+    def encoders(self) -> dict[str, nn.Module]:
+        """``{m: encoder}`` for the modalities that have one (e.g. to switch fine-tuning per stage)."""
+        return {m: ext.encoder for m, ext in self.items() if ext.encoder is not None}
 
     def forward(  # type: ignore[override]
         self, features: Mapping[str, Tensor], present: Tensor | None = None
@@ -190,8 +275,6 @@ class ModalityExtractors(nn.ModuleDict):
                 )
         out = {}
         for m, x in features.items():
-            if present is not None:
-                keep = present[:, self.modalities.index(m)].view(-1, 1, 1)
-                x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-            out[m] = self[m](x, length)
+            rows = None if present is None else present[:, self.modalities.index(m)]
+            out[m] = self[m](x, length, rows)
         return out
