@@ -29,6 +29,8 @@ class ActNorm(Transform):
     ``initialized`` records this, so the state survives ``state_dict`` save/load and a loaded
     layer is not re-initialised. Until initialised (e.g. in eval mode) the layer is the identity.
     When the first batch holds a single value per channel (``B * T == 1``) only the mean is set.
+    Under ``torch.distributed`` the statistics are pooled over every process's first batch (one
+    all-reduce), so all ranks start from the same shift and scale.
 
     Arguments:
         channels: number of channels :math:`C`.
@@ -52,10 +54,16 @@ class ActNorm(Transform):
     def initialize(self, x: Tensor) -> None:
         """Set shift and scale from a batch ``x`` of shape ``(B, C, T)``; mark as initialised."""
         _check_input(x, self.channels, "ActNorm.initialize")
-        flat = x.detach().transpose(0, 1).reshape(self.channels, -1)
-        self.shift.copy_(flat.mean(1))
-        if flat.shape[1] > 1:
-            std = flat.std(1, unbiased=False)
+        flat = x.detach().transpose(0, 1).reshape(self.channels, -1).double()
+        # count, sum and sum of squares per channel, pooled over processes when distributed
+        stats = torch.cat([flat.new_tensor([flat.shape[1]]), flat.sum(1), flat.square().sum(1)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        n, total, squares = stats[0], stats[1 : 1 + self.channels], stats[1 + self.channels :]
+        mean = total / n
+        self.shift.copy_(mean)
+        if n > 1:
+            std = (squares / n - mean.square()).clamp_min(0.0).sqrt()
             self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
 
