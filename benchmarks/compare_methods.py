@@ -295,8 +295,9 @@ def report_key(key: str, args: argparse.Namespace) -> None:
     for name in ALL_METHODS:
         for path in sorted((runs / name).glob("seed*/results.csv"), key=lambda p: int(p.parent.name[4:])):
             for r in read_results(path):
-                r["dataset"] = key
-                rows.append(r)
+                if int(r["seed"]) in args.seeds:  # --report-only --seeds 0 keeps seeds every method has
+                    r["dataset"] = key
+                    rows.append(r)
     failures = _read_failures(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8, help="epochs of each training (default 8)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the small run (default 2)")
     parser.add_argument("--only", choices=["recovery", "curves"], help="make only these figures")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: small models gain little from more)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -27,5 +27,6 @@ def shared_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
+    """Tiny test tensors: one thread avoids synchronisation cost (and oversubscription)."""
     torch.set_num_threads(1)
     yield

@@ -24,14 +24,6 @@ TINY = dict(d=8, flow_layers=3, flow_hidden=16, refiner_blocks=1, refiner_hidden
             mult={"d": 8, "heads": 2, "layers": 1, "memory_layers": 1})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops are dominated by thread synchronisation on a loaded machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def make_ds(dims: dict[str, tuple[int, int]], n: int = 12, task: str = "regression", seed: int = 0, mask=None):
     """Random NCT dataset; ``dims[m] = (C_m, T_m)``."""

@@ -14,13 +14,6 @@ TINY = dict(d=8, mult={"d": 8, "heads": 2, "layers": 1, "memory_layers": 1})
 DIMS = {"L": (6, 5), "A": (4, 3), "V": (3, 1)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def make_ds(n=16, seed=0, task="regression"):
     rng = np.random.default_rng(seed)

@@ -26,13 +26,6 @@ from flowtransfer.training.trainer import Trainer, TrainConfig
 TINY = dict(preset="small", fusion="concat", d=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def lav(n: int = 32, task: str = "classification", seed: int = 0):
     rng = np.random.default_rng(seed)

@@ -27,13 +27,6 @@ import flowtransfer.methods.smil  # noqa: F401
 TINY = dict(preset="small", fusion="concat", d=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_dataset(n: int = 32, task: str = "regression", seed: int = 0):
     rng = np.random.default_rng(seed)

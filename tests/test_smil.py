@@ -16,13 +16,6 @@ from flowtransfer.training.trainer import Trainer, TrainConfig
 TINY = dict(preset="small", fusion="concat", d=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def image_sound(n: int = 40, eta: float = 0.25, seed: int = 0):
     """Two modalities, 'I' always present, 'S' present in round(eta n) samples."""

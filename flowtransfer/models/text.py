@@ -189,7 +189,9 @@ class BertTextEncoder(nn.Module):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError("BertTextEncoder input (token ids / mask / segment ids) contains NaN or inf")
             if not bool((x == x.round()).all()):
-                raise ValueError("BertTextEncoder input rows must hold whole numbers (token ids, 0/1 mask, segment ids)")
+                raise ValueError(
+                    "BertTextEncoder input rows must hold whole numbers (token ids, 0/1 mask, segment ids)"
+                )
         ids, mask, seg = x.long().unbind(1)
         if ids.numel():
             if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
@@ -200,7 +202,8 @@ class BertTextEncoder(nn.Module):
                 raise ValueError("attention mask (row 1) must hold only 0 and 1")
             if int(seg.min()) < 0 or int(seg.max()) >= self.type_vocab_size:
                 raise ValueError(
-                    f"segment ids (row 2) must lie in [0, {self.type_vocab_size}), got [{int(seg.min())}, {int(seg.max())}]"
+                    f"segment ids (row 2) must lie in [0, {self.type_vocab_size}), "
+                    f"got [{int(seg.min())}, {int(seg.max())}]"
                 )
         return ids, mask, seg
 
