@@ -24,9 +24,10 @@ Figures:
   every round runs every configuration once, in turn, so that drifting machine load hits all alike.
   A training step = ``loss`` (forward) + ``backward`` + ``Adam.step``.
 * ``peak MB``: the process's peak resident set size (``ru_maxrss``) after 2 steps of that
-  configuration alone, in a fresh subprocess (Python + torch + model + data + activations +
-  gradients + Adam state: the whole process, comparable with a ``max RSS`` figure), and ``+MB``, its
-  increase over the peak right before the first step (activations, gradients, optimiser state).
+  configuration alone, in a fresh subprocess (``VmHWM``: Python + torch + model + data +
+  activations + gradients + Adam state, the whole process, comparable with a ``max RSS`` figure),
+  and ``+MB``, its increase over the peak right before the first step (activations, gradients,
+  optimiser state). Measured before the timings, so the parent process is still small.
 * ``ref``: the released DiCMoR implementation measured by someone else on this kind of machine
   (2 threads, BERT excluded, batch 32; figures quoted in issue 4, not re-measured here): 1.0 s per
   step with all modalities, 1.17 s with one missing, 1.28 s with two, 366 ms for inference with one
@@ -199,10 +200,23 @@ def time_all(cfgs: list[tuple[str, str, str]], rounds: int, warmup: int) -> dict
 MEMORY_STEPS = 2
 
 
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB: ``VmHWM`` from ``/proc/self/status`` (reset by
+    ``exec``, unlike ``ru_maxrss``, which a child inherits from the parent it was forked from), else
+    ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def memory_child(variant: str, kind: str, situation: str) -> dict[str, float]:
     model, opt = build(variant)
     fn, ctx = make_callable(model, opt, kind, situation)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mb()
     if ctx is None:
         for _ in range(MEMORY_STEPS):
             fn()
@@ -210,16 +224,24 @@ def memory_child(variant: str, kind: str, situation: str) -> dict[str, float]:
         with ctx:
             for _ in range(MEMORY_STEPS):
                 fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mb": after / 1024.0, "delta_mb": (after - before) / 1024.0}
+    after = peak_rss_mb()
+    return {"peak_mb": after, "delta_mb": after - before}
 
 
-def memory_all(cfgs: list[tuple[str, str, str]], threads: int) -> dict[tuple[str, str, str], dict[str, float]]:
+def memory_all(cfgs: list[tuple[str, str, str]], threads: int, parallel: int = 1) -> dict[tuple[str, str, str], dict[str, float]]:
+    """One fresh subprocess per configuration (``parallel`` at a time: peak RSS is per process)."""
     out = {}
-    for v, kind, s in cfgs:
-        cmd = [sys.executable, __file__, "--memory-child", v, kind, s, "--threads", str(threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-        out[(v, kind, s)] = json.loads(res.stdout.strip().splitlines()[-1])
+    for i in range(0, len(cfgs), parallel):
+        procs = []
+        for v, kind, s in cfgs[i:i + parallel]:
+            cmd = [sys.executable, __file__, "--memory-child", v, kind, s, "--threads", str(threads)]
+            procs.append(((v, kind, s), subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                                          text=True, cwd=ROOT)))
+        for key, proc in procs:
+            stdout, _ = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError(f"memory measurement of {key} failed (exit {proc.returncode})")
+            out[key] = json.loads(stdout.strip().splitlines()[-1])
     return out
 
 
@@ -378,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", default=",".join(TRAIN_SITUATIONS), help="training situations (comma list)")
     p.add_argument("--infer", default=",".join(INFER_SITUATIONS), help="inference situations (comma list)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-parallel", type=int, default=1, help="memory subprocesses at a time")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--memory-child", nargs=3, metavar=("VARIANT", "KIND", "SITUATION"), help=argparse.SUPPRESS)
@@ -392,9 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    times = time_all(cfgs, args.rounds, args.warmup)
+    mem = {} if args.no_memory else memory_all(cfgs, args.threads, args.memory_parallel)
     load_mid = os.getloadavg()
-    mem = {} if args.no_memory else memory_all(cfgs, args.threads)
+    times = time_all(cfgs, args.rounds, args.warmup) if args.rounds > 0 else {}
     load_after = os.getloadavg()
 
     header = (f"{'variant':<9} {'kind':<6} {'situation':<9} {'wall ms':>8} {'cpu ms':>8} {'ref ms':>7} "
@@ -402,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [header, "-" * len(header)]
     record = []
     for v, kind, s in cfgs:
-        t = times[(v, kind, s)]
+        t = times.get((v, kind, s), [(float("nan"), float("nan"))])
         wall = statistics.median(x[0] for x in t) * 1e3
         cpu = statistics.median(x[1] for x in t) * 1e3
         ref = ref_for(kind, s) * 1e3
@@ -416,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall/cpu: medians over {args.rounds} rounds ({args.warmup} warm-up steps each); cpu = process CPU "
           f"time (all threads). ref = released DiCMoR, measured by someone else on this kind of machine "
           f"(issue 4), 2 threads, wall; its peak {REF_PEAK_GB * 1024:.0f} MB. ref/x > 1: ours faster. "
-          f"Load average: before {load[0]:.1f}, after timing {load_mid[0]:.1f}, after memory {load_after[0]:.1f}.",
+          f"Load average: before {load[0]:.1f}, after memory {load_mid[0]:.1f}, after timing {load_after[0]:.1f}.",
           flush=True)
 
     bds = {}

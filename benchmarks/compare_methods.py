@@ -304,11 +304,11 @@ def report_key(key: str, args: argparse.Namespace) -> None:
     if not rows:
         print(f"[{key}] no results yet", flush=True)
         if failures:
-            (out / f"compare_{key}_table.txt").write_text(
+            (out / f"compare_{key}{args.tag}_table.txt").write_text(
                 "".join(f"{m}: failed: {e}\n" for m, e in failures.items()))
         return
-    write_results(rows, out, name=f"compare_{key}_results")
-    (out / f"compare_{key}_results.json").unlink(missing_ok=True)
+    write_results(rows, out, name=f"compare_{key}{args.tag}_results")
+    (out / f"compare_{key}{args.tag}_results.json").unlink(missing_ok=True)
     metrics = main_metrics(spec.task) + ["fd_recovered", "fd_zero_fill", "fd_mean_fill", "train_seconds"]
     metrics = [m for m in metrics if any(r.get(m) is not None for r in rows)]
     seeds = sorted({int(r["seed"]) for r in rows})
@@ -319,15 +319,15 @@ def report_key(key: str, args: argparse.Namespace) -> None:
               f"train_seconds = wall time of training on a shared 2-core CPU\nbudget: {cfg}\n")
     fail_text = "".join(f"{m}: failed: {e}\n" for m, e in failures.items())
     table = format_table(summarise(rows), metrics=metrics)
-    (out / f"compare_{key}_table.txt").write_text(header + table + "\n" + fail_text)
-    (out / f"compare_{key}_headline.md").write_text(headline_markdown(key, rows, failures, spec.task))
+    (out / f"compare_{key}{args.tag}_table.txt").write_text(header + table + "\n" + fail_text)
+    (out / f"compare_{key}{args.tag}_headline.md").write_text(headline_markdown(key, rows, failures, spec.task))
     if not spec.smil_setting:
         from flowtransfer.plots import plot_missing_rate_curves
         import matplotlib.pyplot as plt
 
         metric = HEADLINE[spec.task][0][0]
         fig = plot_missing_rate_curves(rows, metric=metric, title=f"{key}: {metric} vs missing rate (test)")
-        fig.savefig(out / f"compare_{key}_curves.png", dpi=110, bbox_inches="tight")
+        fig.savefig(out / f"compare_{key}{args.tag}_curves.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
     print(f"[{key}] report written ({len(rows)} rows, seeds {seeds}, failures {sorted(failures)})", flush=True)
 
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="the shared data folder (default: flowtransfer's lookup)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
+    p.add_argument("--tag", default="", help="suffix of the result file names (e.g. _long for another budget)")
     p.add_argument("--skip-done", action="store_true", help="skip methods whose run folder has every seed")
     p.add_argument("--report-only", action="store_true", help="only rebuild the result files from --runs")
     p.add_argument("--quick", action="store_true",

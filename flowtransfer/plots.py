@@ -27,13 +27,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Ellipse  # noqa: E402
+# No ``matplotlib.use`` here: importing this module must not switch a notebook's inline backend
+# away; without a display, matplotlib already falls back to the headless Agg backend by itself.
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
 
 __all__ = [
     "METRIC_LABELS",
@@ -180,12 +179,19 @@ def _subsample(n: int, max_points: int | None, seed: int) -> np.ndarray:
 
 
 def project_2d(
-    groups: Mapping[str, np.ndarray], method: str = "pca", reference: str | None = None, seed: int = 0
+    groups: Mapping[str, np.ndarray],
+    method: str = "pca",
+    reference: str | None = None,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], tuple[str, str]]:
     """Project ``(N_g, D)`` arrays to 2-D; return the projections and the two axis labels.
 
     ``"pca"``: principal axes of the ``reference`` group (default: the first), applied to every
     group, so that one picture compares all groups in the real features' own coordinates.
+    ``"lda"``: the two linear discriminant axes of the ``reference`` group given its class
+    ``labels`` (the directions that separate the classes best), applied to every group; needs
+    scikit-learn and at least 3 classes.
     ``"tsne"``: one joint t-SNE of all groups (t-SNE cannot embed new points afterwards); needs
     scikit-learn.
     """
@@ -211,6 +217,18 @@ def project_2d(
         labels = tuple(f"PC {i + 1} ({100 * var[i]:.0f}% of real variance)" if i < k else f"PC {i + 1}"
                        for i in range(2))
         return out, labels  # type: ignore[return-value]
+    if method == "lda":
+        try:
+            from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+        except ImportError as err:  # pragma: no cover - scikit-learn is a soft dependency
+            raise ImportError("method='lda' needs scikit-learn (pip install scikit-learn); use method='pca'") from err
+        ref = groups[reference or names[0]]
+        if labels is None or len(labels) != len(ref):
+            raise ValueError("method='lda' needs one class label per reference sample")
+        if len(np.unique(labels)) < 3:
+            raise ValueError("method='lda' needs at least 3 classes for two discriminant axes; use method='pca'")
+        lda = LinearDiscriminantAnalysis(n_components=2, solver="eigen", shrinkage="auto").fit(ref, labels)
+        return {g: lda.transform(x) for g, x in groups.items()}, ("discriminant axis 1", "discriminant axis 2")
     if method == "tsne":
         try:
             from sklearn.manifold import TSNE
@@ -231,7 +249,7 @@ def project_2d(
             out[g] = emb[start : start + len(groups[g])]
             start += len(groups[g])
         return out, ("t-SNE 1", "t-SNE 2")
-    raise ValueError(f"unknown projection {method!r}; expected 'pca' or 'tsne'")
+    raise ValueError(f"unknown projection {method!r}; expected 'pca', 'lda' or 'tsne'")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,8 +273,9 @@ def plot_recovery_projection(
 ) -> Figure:
     """Real vs recovered (vs zero-filled, vs ``others``) features of one modality in 2-D.
 
-    One panel per group, in the same coordinates: PCA axes fitted on the **real** features (or
-    one joint t-SNE with ``method="tsne"``). Points are coloured by class; every panel but the
+    One panel per group, in the same coordinates: PCA axes fitted on the **real** features, the
+    real features' linear discriminant axes (``method="lda"``: the view that separates the classes
+    best), or one joint t-SNE (``method="tsne"``). Points are coloured by class; every panel but the
     first repeats the real points in light grey, so a recovery that matches the real
     distribution covers the grey cloud class by class. Zero filling puts every sample on one
     point (the projection of the zero vector).
@@ -267,7 +286,7 @@ def plot_recovery_projection(
         labels: ``(N,)`` integer class ids.
         zero_filled: the zero-filled features, drawn as a third panel (optional).
         others: more named groups of the same shape (e.g. ``{"mean-filled": ...}``).
-        method: ``"pca"`` or ``"tsne"`` (scikit-learn).
+        method: ``"pca"``, ``"lda"`` or ``"tsne"`` (the last two need scikit-learn).
         reduce: ``"flatten"`` (every channel and time step) or ``"mean_time"``.
         modality: named in the title. max_points: subsample each group to this many points.
         recovered_name: the second panel's name (e.g. ``"sampled"`` for draws from a flow).
@@ -290,7 +309,7 @@ def plot_recovery_projection(
     keep = _subsample(n, max_points, seed)
     flat = {g: _flat(a, g, reduce)[keep] for g, a in arrays.items()}
     y = y[keep]
-    proj, (xlab, ylab) = project_2d(flat, method=method, reference="real", seed=seed)
+    proj, (xlab, ylab) = project_2d(flat, method=method, reference="real", seed=seed, labels=y)
     classes = sorted(np.unique(y).tolist())
     colours = _class_colours(classes)
     k = len(proj)
@@ -310,8 +329,8 @@ def plot_recovery_projection(
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False,
                markerscale=2.0, bbox_to_anchor=(0.5, 0.0))
     what = f"modality {modality}: " if modality else ""
-    fig.suptitle(title or f"{what}real vs {recovered_name} features ({'PCA of the real features' if method == 'pca' else 't-SNE'})",
-                 fontsize=11)
+    how = {"pca": "PCA of the real features", "lda": "discriminant axes of the real features"}.get(method, "t-SNE")
+    fig.suptitle(title or f"{what}real vs {recovered_name} features ({how})", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
@@ -332,8 +351,8 @@ def plot_channel_densities(
     """Per-channel densities of real vs recovered features (values pooled over samples and time).
 
     One panel per channel: the real density filled in grey, the recovered one as a line (Gaussian
-    kernel density estimate, Scott's bandwidth), each panel titled with the 1-D Wasserstein distance
-    between the two. ``zero_filled=True`` marks zero filling, a point mass at 0, with a dashed
+    kernel density estimate, Scott's bandwidth); in the corner, in each line's colour, the 1-D
+    Wasserstein distance ``W1`` between that group's values and the real ones. ``zero_filled=True`` marks zero filling, a point mass at 0, with a dashed
     vertical line. Read it as: the closer the line follows the grey area, the better the marginal
     of that channel is recovered (marginals only; the projections show the joint structure).
 
@@ -388,13 +407,14 @@ def plot_channel_densities(
             return gaussian_kde(v)(grid)
 
         ax.fill_between(grid, density(rc[c]), color=_REFERENCE_GREY, label="real")
-        dists = []
         for j, (g, v) in enumerate(gc.items()):
-            ax.plot(grid, density(v[c]), color=line_colours[j % len(line_colours)], lw=1.6, label=g)
-            dists.append(f"{wasserstein_distance(rc[c], v[c]):.2f}")
+            colour = line_colours[j % len(line_colours)]
+            ax.plot(grid, density(v[c]), color=colour, lw=1.6, label=g)
+            ax.text(0.03, 0.95 - 0.11 * j, f"W1 {wasserstein_distance(rc[c], v[c]):.2f}", color=colour,
+                    transform=ax.transAxes, fontsize=8, va="top")
         if zero_filled:
             ax.axvline(0.0, color="k", ls="--", lw=1.0, label="zero-filled (all at 0)")
-        ax.set_title(f"channel {c}  (W1 {', '.join(dists)})", fontsize=9)
+        ax.set_title(f"channel {c}", fontsize=9)
         ax.set_xlabel("feature value")
         ax.set_ylabel("density")
         ax.tick_params(labelsize=8)
@@ -402,7 +422,8 @@ def plot_channel_densities(
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False,
                bbox_to_anchor=(0.5, 0.0))
     what = f"modality {modality}: " if modality else ""
-    fig.suptitle(title or f"{what}per-channel densities, real vs {recovered_name}", fontsize=11)
+    fig.suptitle(title or f"{what}per-channel densities, real vs {recovered_name} "
+                 "(W1: Wasserstein distance to the real values)", fontsize=11)
     fig.tight_layout(rect=(0, 0.07 if nrows == 1 else 0.04, 1, 1))
     return fig
 
@@ -515,14 +536,15 @@ def plot_frechet_per_class(
     modality: str | None = None,
     ylabel: str = "Fréchet distance to the real features",
     title: str | None = None,
-    log: bool = False,
+    log: bool | None = None,
 ) -> Figure:
     """Grouped bars: one group per class, one bar per filling (e.g. recovered, zero, mean).
 
     Args:
         distances: filling name -> ``{class id: distance}`` (as returned by
             :func:`flowtransfer.metrics.frechet_per_class`); NaN classes are left empty.
-        log: log-scale y axis (zero filling is often far above the rest).
+        log: log-scale y axis (zero filling is often far above the rest); ``None`` (default) uses
+            it when the largest bar is more than 20 times the smallest.
     """
     if not distances:
         raise ValueError("plot_frechet_per_class needs at least one named set of distances")
@@ -539,6 +561,10 @@ def plot_frechet_per_class(
     ax.set_xticks(x, [f"class {c}" for c in classes])
     ax.set_xlabel("class")
     ax.set_ylabel(ylabel)
+    heights = np.array([float(v) for d in distances.values() for v in d.values()], dtype=float)
+    heights = heights[np.isfinite(heights) & (heights > 0)]
+    if log is None:
+        log = bool(heights.size) and heights.max() > 20 * heights.min()
     if log:
         ax.set_yscale("log")
     ax.grid(axis="y", alpha=0.3)

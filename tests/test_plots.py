@@ -104,12 +104,26 @@ def test_projection_others_mean_time_and_tensors():
     assert sum(len(c.get_offsets()) for c in scatters(axes[0])) == 10
 
 
+@pytest.mark.slow
 def test_projection_tsne():
     pytest.importorskip("sklearn")
     real, rec, y = data(n=20)
     fig = plots.plot_recovery_projection(real, rec, y, method="tsne")
     axes = visible_axes(fig)
     assert len(axes) == 2 and axes[0].get_xlabel() == "t-SNE 1" and axes[0].get_ylabel() == "t-SNE 2"
+
+
+def test_projection_lda_separates_the_classes():
+    pytest.importorskip("sklearn")
+    real, rec, y = data(n=60, c=4, t=3, k=3)
+    fig = plots.plot_recovery_projection(real, rec, y, method="lda")
+    axes = visible_axes(fig)
+    assert axes[0].get_xlabel() == "discriminant axis 1" and axes[0].get_ylabel() == "discriminant axis 2"
+    assert len(scatters(axes[0])) == 3 and len(scatters(axes[1])) == 4
+    centres = np.array([c.get_offsets().mean(0) for c in scatters(axes[0])])
+    assert np.linalg.norm(centres[0] - centres[2]) > 1.0  # the class means sit apart on the discriminant axes
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        plots.plot_recovery_projection(real, rec, y % 2, method="lda")
 
 
 def test_projection_errors():
@@ -135,16 +149,21 @@ def test_channel_densities_grid_and_lines():
     axes = visible_axes(fig)
     assert len(axes) == 4
     for ax, c in zip(axes, [0, 2, 4, 1]):
-        assert ax.get_title().startswith(f"channel {c} ")
+        assert ax.get_title() == f"channel {c}"
         assert ax.get_xlabel() == "feature value" and ax.get_ylabel() == "density"
         assert len(ax.get_lines()) == 3  # recovered, mean-filled, the zero-filled marker
+        assert [t.get_text().split()[0] for t in ax.texts] == ["W1", "W1"]  # one distance per line
         assert len([p for p in ax.collections if isinstance(p, PolyCollection)]) == 1  # the real density
         area = np.trapezoid(ax.get_lines()[0].get_ydata(), ax.get_lines()[0].get_xdata())
         assert 0.9 < area <= 1.0 + 1e-6  # a density over the shown range
     # default channels: the largest real variance first
     real2 = np.random.default_rng(1).standard_normal((30, 3, 2)) * np.array([1.0, 3.0, 2.0])[None, :, None]
     fig2 = plots.plot_channel_densities(real2, real2, n_channels=2)
-    assert [ax.get_title().split()[1] for ax in visible_axes(fig2)] == ["1", "2"]
+    assert [ax.get_title() for ax in visible_axes(fig2)] == ["channel 1", "channel 2"]
+    from scipy.stats import wasserstein_distance
+
+    shift = plots.plot_channel_densities(real2, real2 + 0.5, channels=[0])
+    assert visible_axes(shift)[0].texts[0].get_text() == f"W1 {wasserstein_distance(real2[:, 0].ravel(), real2[:, 0].ravel() + 0.5):.2f}"
     with pytest.raises(ValueError, match="channels must be"):
         plots.plot_channel_densities(real, rec, channels=[9])
     with pytest.raises(ValueError, match="recovered: expected"):
@@ -195,6 +214,9 @@ def test_frechet_per_class_bars():
     assert ax.get_xlabel() == "class" and "Fréchet" in ax.get_ylabel()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["class 0", "class 1", "class 2"]
     assert bars[3].get_height() == 5.0
+    assert ax.get_yscale() == "log"
+    assert plots.plot_frechet_per_class({"a": {0: 1.0}, "b": {0: 100.0}}).axes[0].get_yscale() == "log"  # auto
+    assert plots.plot_frechet_per_class({"a": {0: 1.0}, "b": {0: 3.0}}).axes[0].get_yscale() == "linear"
     with pytest.raises(ValueError, match="at least one"):
         plots.plot_frechet_per_class({})
 

@@ -241,3 +241,49 @@ def test_local_model_path(tmp_path, encoder):
     via_options = text_encoder_from_options(path=str(tmp_path / "tiny"), finetune=True)
     assert via_options.finetune and all(p.requires_grad for p in via_options.parameters())
     assert text_encoder_from_options() is None
+
+
+# ------------------------------------------------------------------ wired into the methods
+
+
+def _token_dataset(n: int = 8, t: int = 6):
+    import numpy as np
+
+    from flowtransfer.data import from_arrays
+
+    ids = tokens(n, t).numpy()
+    audio = np.random.default_rng(0).normal(size=(n, 4, t)).astype("float32")
+    labels = np.linspace(-2, 2, n).astype("float32")
+    return from_arrays({"L": ids, "A": audio}, labels, "regression", layout="NCT")
+
+
+@pytest.mark.parametrize("name", ["dicmor", "zero_fill", "mean_fill"])
+def test_methods_read_text_through_bert(name: str) -> None:
+    import numpy as np
+
+    from flowtransfer.methods import DatasetInfo, build_method
+
+    ds = _token_dataset()
+    method = build_method(name, DatasetInfo.from_dataset(ds), preset="small",
+                          text_encoder_config=tiny_config().to_dict())
+    assert isinstance(method.extractors.encoders["L"], BertTextEncoder)
+    method.prepare(ds)
+    method.eval()
+    absent_text = ds.with_mask(np.array([[False, True], [True, True]] * 4))
+    pred = method.predict(absent_text.full_batch())  # NaN token rows never reach BERT
+    assert pred.shape == (8,) and torch.isfinite(pred).all()
+
+
+def test_dicmor_stages_freeze_or_finetune_bert() -> None:
+    from flowtransfer.methods import DatasetInfo, build_method
+
+    ds = _token_dataset()
+    method = build_method("dicmor", DatasetInfo.from_dataset(ds), preset="small",
+                          text_encoder_config=tiny_config().to_dict(), text_finetune=True)
+    bert = method.extractors.encoders["L"]
+    method.set_stage("complete")
+    assert all(p.requires_grad for p in bert.parameters())
+    method.set_stage("recovery")
+    assert not any(p.requires_grad for p in bert.parameters())
+    method.set_stage("joint")
+    assert all(p.requires_grad for p in bert.parameters())

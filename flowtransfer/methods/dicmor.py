@@ -88,6 +88,7 @@ from torch import Tensor, nn
 from flowtransfer.data.dataset import Batch
 from flowtransfer.flows import ClassConditionalGaussian, TemporalFlow
 from flowtransfer.models.extractors import ModalityExtractors, common_length, resample_time
+from flowtransfer.models.text import text_encoders_for
 
 from .fusion_model import build_fusion_for, build_head_for, task_loss_for
 from .base import DatasetInfo, Method, prior_labels, register_method, simulate_missing
@@ -207,7 +208,8 @@ class DiCMoR(Method):
                 raise ValueError(f"modality names must be identifiers (they name sub-modules), got {m!r}")
         d = r.d
         self.d = d
-        self.extractors = ModalityExtractors(self.info.input_dims, d, r.extractor_kernel, r.target_length)
+        self.extractors = ModalityExtractors(self.info.input_dims, d, r.extractor_kernel, r.target_length,
+                                             encoders=text_encoders_for(r, mods))
         self.prior = ClassConditionalGaussian(d, self.info.prior_classes)
         official = r.variant == "official"
         if official and r.flow_kernel == 1 and r.flow_scale == "sigmoid":
@@ -268,6 +270,8 @@ class DiCMoR(Method):
         train_rec = stage in ("recovery", "joint")
         for p in self.extractors.parameters():
             p.requires_grad_(train_ext)
+        for encoder in self.extractors.encoders.values():  # BERT: fine-tuned only when asked
+            encoder.set_finetune(train_ext and self.config.text_finetune)
         for mod in self._recovery_modules():
             for p in mod.parameters():
                 p.requires_grad_(train_rec)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from flowtransfer.data.dataset import Batch
 from flowtransfer.models.extractors import ModalityExtractors
+from flowtransfer.models.text import text_encoders_for
 
 from .base import DatasetInfo, Method, register_method, simulate_missing
 from .presets import DiCMoRConfig, FusionConfig
@@ -131,7 +132,8 @@ class FusionModel(Method):
         for m in mods:
             if not m.isidentifier():
                 raise ValueError(f"modality names must be identifiers (they name sub-modules), got {m!r}")
-        self.extractors = ModalityExtractors(self.info.input_dims, cfg.d, cfg.extractor_kernel, cfg.target_length)
+        self.extractors = ModalityExtractors(self.info.input_dims, cfg.d, cfg.extractor_kernel, cfg.target_length,
+                                             encoders=text_encoders_for(cfg, mods))
         self.fusion = build_fusion_for(cfg, mods)
         self.head = build_head_for(self.info, self.fusion.out_dim, cfg)
         self._task_loss = task_loss_for(self.info.task)
@@ -188,7 +190,13 @@ class FusionModel(Method):
     # ------------------------------------------------------------------ forward
     def _filled_features(self, batch: Batch) -> dict[str, Tensor]:
         self._check_batch(batch)
-        return self.extractors(batch.filled(self.fill_values()).features)
+        encoded = self.extractors.encoders
+        if not encoded:
+            return self.extractors(batch.filled(self.fill_values()).features)
+        # token ids cannot be zero- or mean-filled: absent text rows skip the encoder (zeros after it)
+        present = batch.mask.clone()
+        present[:, [j for j, m in enumerate(self.modalities) if m not in encoded]] = True
+        return self.extractors(batch.filled(self.fill_values()).features, present)
 
     def _forward(self, batch: Batch) -> Tensor:
         return self.head(self.fusion(self._filled_features(batch), None))

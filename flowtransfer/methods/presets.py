@@ -87,6 +87,14 @@ class DiCMoRConfig:
             reconstruction loss on the real features (``DiCMoR.transfer_input``: audio in, image
             out). Off by default: the method itself never needs it.
         input_decoder_weight: weight of that reconstruction loss.
+        text_encoder_path, text_encoder_config: text as token ids (MMSA ``text_bert``, loaded with
+            ``load_mmsa(..., text_key="text_bert")``): a local BERT folder, or a ``BertConfig``
+            dict for a randomly initialised one, encodes modality ``text_modality`` before its
+            extractor (:class:`flowtransfer.models.text.BertTextEncoder`; needs ``transformers``).
+            ``None`` (default): text is pre-extracted features.
+        text_finetune: fine-tune the BERT encoder in the stages that train the extractors
+            (``complete``, ``joint``); it is frozen in the ``recovery`` stage either way.
+        text_modality: the modality the BERT encoder reads.
     """
 
     variant: str = "paper"
@@ -112,6 +120,10 @@ class DiCMoRConfig:
     stage: str = "joint"
     input_decoder: bool = False
     input_decoder_weight: float = 1.0
+    text_encoder_path: str | None = None
+    text_encoder_config: dict[str, Any] | None = None
+    text_finetune: bool = False
+    text_modality: str = "L"
 
     def __post_init__(self) -> None:
         if isinstance(self.mult, dict):
@@ -224,6 +236,8 @@ class FusionConfig:
             :meth:`~flowtransfer.methods.fusion_model.FusionModel.fit_fill_statistics`).
         train_missing_rate: ``None`` (train on the batch as given) or a per-sample rate / range
             of modality dropout during training (filled the same way as at test).
+        text_encoder_path, text_encoder_config, text_finetune, text_modality: as in
+            :class:`DiCMoRConfig` (text as token ids through BERT).
     """
 
     d: int = 32
@@ -234,6 +248,10 @@ class FusionConfig:
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
     fill: str = "zero"
     train_missing_rate: float | tuple[float, float] | None = None
+    text_encoder_path: str | None = None
+    text_encoder_config: dict[str, Any] | None = None
+    text_finetune: bool = False
+    text_modality: str = "L"
 
     def __post_init__(self) -> None:
         if isinstance(self.mult, dict):

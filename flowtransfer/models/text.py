@@ -52,7 +52,7 @@ dataset.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +63,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BertConfig
 
-__all__ = ["BertTextEncoder", "text_encoder_from_options", "require_transformers"]
+__all__ = ["BertTextEncoder", "text_encoder_from_options", "text_encoders_for", "require_transformers"]
 
 _INSTALL_HINT = "pip install 'flowtransfer[bert]' (or pip install transformers)"
 
@@ -241,3 +241,15 @@ def text_encoder_from_options(
     if path is None and config is None:
         return None
     return BertTextEncoder(model_path=path, config=config, finetune=finetune, layer=layer)
+
+
+def text_encoders_for(config: Any, modalities: Sequence[str]) -> dict[str, BertTextEncoder] | None:
+    """``{text_modality: BertTextEncoder}`` from a method configuration's ``text_encoder_path`` /
+    ``text_encoder_config`` / ``text_finetune`` / ``text_modality`` fields, or ``None`` when it
+    asks for no encoder (what :class:`~flowtransfer.models.extractors.ModalityExtractors` takes)."""
+    enc = text_encoder_from_options(config.text_encoder_path, config.text_encoder_config, config.text_finetune)
+    if enc is None:
+        return None
+    if config.text_modality not in modalities:
+        raise ValueError(f"text_modality {config.text_modality!r} is not one of the modalities {list(modalities)}")
+    return {config.text_modality: enc}
