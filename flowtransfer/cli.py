@@ -119,6 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from flowtransfer.experiment import COMPLETE_DATA_METHODS, ExperimentConfig, _fit
     from flowtransfer.methods import DatasetInfo, build_method
     from flowtransfer.methods.io import save_method
+    from flowtransfer.training import is_main_process
 
     cfg = ExperimentConfig(dataset=args.dataset, data=args.data, task=args.task, preset=args.preset,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -132,8 +133,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         valid_mask = random_missing_mask(len(valid), valid.modalities, args.valid_missing_rate, seed=args.seed)
     out = Path(args.out)
     seconds = _fit(method, train, valid, valid_mask, cfg, args.seed, out.parent / f"{out.stem}_checkpoints")
-    save_method(method, out, extra={"dataset": args.dataset, "seed": args.seed, "train_seconds": seconds})
-    print(f"trained {args.method} on {args.dataset} in {seconds:.0f} s; saved to {out}")
+    if is_main_process():
+        save_method(method, out, extra={"dataset": args.dataset, "seed": args.seed, "train_seconds": seconds})
+        print(f"trained {args.method} on {args.dataset} in {seconds:.0f} s; saved to {out}")
     return 0
 
 
@@ -204,7 +206,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Under ``torchrun --nproc_per_node N flowtransfer ...`` (``run``/``train``) the
+    processes join one group and train with DDP; only the main process writes files."""
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "train"):
+        from flowtransfer.training import init_distributed
+
+        init_distributed()
     handler = {"run": _cmd_run, "train": _cmd_train, "evaluate": _cmd_evaluate,
                "transfer": _cmd_transfer, "check": _cmd_check}[args.command]
     return handler(args)

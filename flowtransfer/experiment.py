@@ -41,7 +41,15 @@ from flowtransfer.data.summary import load_dataset
 from flowtransfer.io import atomic_write_json, atomic_write_text
 from flowtransfer.methods import DatasetInfo, build_method
 from flowtransfer.metrics import frechet_distance
-from flowtransfer.training import Trainer, TrainConfig, evaluate, format_table, summarise, write_results
+from flowtransfer.training import (
+    Trainer,
+    TrainConfig,
+    evaluate,
+    format_table,
+    is_main_process,
+    summarise,
+    write_results,
+)
 from flowtransfer.training.results import result_row
 
 __all__ = ["ExperimentConfig", "run_experiment", "DEFAULT_METHODS", "COMPLETE_DATA_METHODS", "main_metrics"]
@@ -192,10 +200,19 @@ def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -
 
 
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run ``cfg``; write every output into ``cfg.out``; return the result rows."""
+    """Run ``cfg``; write every output into ``cfg.out``; return the result rows.
+
+    Under ``torchrun`` (after :func:`flowtransfer.training.init_distributed`) every process trains
+    its share of each epoch through DDP and evaluates identically; only the main process logs and
+    writes files.
+    """
+    main_process = is_main_process()
+    if not main_process:
+        log = lambda _message: None  # noqa: E731
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", asdict(cfg))
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", asdict(cfg))
     splits = load_dataset(cfg.dataset, cfg.data, **({"task": cfg.task} if cfg.task else {}), **cfg.dataset_options)
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     modalities = train.modalities
@@ -213,7 +230,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     rows: list[dict[str, Any]] = []
     for seed in cfg.seeds:
         masks = {s.name: s.mask(len(test), seed) for s in settings}
-        save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
+        if main_process:
+            save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
         valid_mask = random_missing_mask(len(valid), modalities, cfg.valid_missing_rate, seed=seed + 104729)
         if cfg.train_eta is not None:
             valid_mask = None  # the validation split already carries the training setting's mask
@@ -233,9 +251,12 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                 metrics.update(recovery_distances(method, test, mask))
                 rows.append(result_row(name, cfg.dataset, setting, seed, metrics, realised_missing_rate=rate,
                                        train_seconds=seconds))
-            write_results(rows, out)
+            if main_process:
+                write_results(rows, out)
             log(f"[seed {seed}] {name}: trained in {seconds:.0f} s")
 
+    if not main_process:
+        return rows
     summary = summarise(rows)
     metric_names = main_metrics(train.task) + ["fd_recovered", "fd_zero_fill", "fd_mean_fill"]
     table = format_table(summary, metrics=[m for m in metric_names if any(m in r for r in rows)])

@@ -103,7 +103,7 @@ def curve_rows(results: str | None, epochs: int, seeds: tuple[int, ...]) -> list
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ExperimentConfig(dataset="synthetic_figures", methods=("dicmor", "zero_fill", "upper_bound"), seeds=seeds,
                                rates=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), patterns=False, epochs=epochs,
-                               preset="small", out=tmp, progress=False)
+                               batch_size=32, lr=2e-3, preset="small", out=tmp, progress=False)
         return run_experiment(cfg, log=lambda msg: print(msg.splitlines()[0]))
 
 
