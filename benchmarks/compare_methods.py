@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -275,8 +276,10 @@ def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, 
         secs = []
         for m in methods:
             t = {int(r["seed"]): float(r["train_seconds"]) for r in rows if r["method"] == m and r.get("train_seconds") is not None}
-            secs.append(_fmt(list(t.values()), False).replace(".000", "") if t else "-")
-        lines.append("| train s | " + " | ".join(s.split(".")[0] if "±" not in s else s for s in secs) + " | |")
+            v = list(t.values())
+            secs.append("-" if not v else f"{v[0]:.0f}" if len(v) == 1 else
+                        f"{statistics.mean(v):.0f} ± {statistics.stdev(v):.0f}")
+        lines.append("| train s | " + " | ".join(secs) + " | |")
         blocks.append("\n".join(lines))
     if failures:
         blocks.append("\n".join(f"- `{m}`: failed: {e}" for m, e in failures.items()))
@@ -326,7 +329,12 @@ def report_key(key: str, args: argparse.Namespace) -> None:
         import matplotlib.pyplot as plt
 
         metric = HEADLINE[spec.task][0][0]
-        fig = plot_missing_rate_curves(rows, metric=metric, title=f"{key}: {metric} vs missing rate (test)")
+        # 12 methods: a 12-colour cycle (the default has 10) and the legend outside the axes
+        colours = [plt.get_cmap("tab20")(i) for i in range(0, 20, 2)] + ["#000000", "#000080"]
+        with plt.rc_context({"axes.prop_cycle": plt.cycler(color=colours)}):
+            fig, ax = plt.subplots(figsize=(8.5, 4.6))
+            plot_missing_rate_curves(rows, metric=metric, title=f"{key}: {metric} vs missing rate (test)", ax=ax)
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
         fig.savefig(out / f"compare_{key}{args.tag}_curves.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
     print(f"[{key}] report written ({len(rows)} rows, seeds {seeds}, failures {sorted(failures)})", flush=True)

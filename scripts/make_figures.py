@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(OUT), help="folder for the PNGs (default: docs/figures)")
     parser.add_argument("--results", help="plot the curve from this results.csv instead of running the job")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of each training (default 8)")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of each training (default 6)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the small run (default 2)")
     parser.add_argument("--only", choices=["recovery", "curves"], help="make only these figures")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: small models gain little from more)")

@@ -218,3 +218,18 @@ def test_save_load_round_trip(tmp_path):
     x = torch.randn(3, 5, 4)
     with torch.no_grad():
         assert torch.equal(model.transfer_input(x, "A", "V"), back.transfer_input(x, "A", "V"))
+
+
+def test_token_id_text_gets_no_decoder():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16).to_dict()
+    ds = make_ds()
+    torch.manual_seed(0)
+    model = build_method("dicmor", ds, preset="small", input_decoder=True, text_encoder_config=cfg,
+                         text_modality="L", **TINY)
+    assert set(model.decoders) == {"A", "V"}  # "L" arrives as token ids: nothing to decode onto
+    with pytest.raises(KeyError, match="token ids"):
+        model.decode(torch.randn(2, 8, 1), "L")
+    with pytest.raises(ValueError, match="token ids"):
+        model.transfer_input(torch.randn(2, 3, 1), "L", "A")

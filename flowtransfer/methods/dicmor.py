@@ -230,12 +230,15 @@ class DiCMoR(Method):
         )
         self.fusion = build_fusion_for(r, mods)
         self.head = build_head_for(self.info, self.fusion.out_dim, r)
-        # optional input-space decoders (empty, hence parameter-free, when disabled)
+        # optional input-space decoders (empty, hence parameter-free, when disabled); a modality
+        # that arrives as token ids (BERT text) has no input space to regress onto and gets none
+        token_ids = {r.text_modality} if (r.text_encoder_path or r.text_encoder_config) else set()
+        self._token_modalities = frozenset(token_ids)
         self.decoders = nn.ModuleDict()
         if r.input_decoder:
             self.decoders.update({
                 m: InputDecoder(d, self.info.input_dims[m], self.info.seq_lens[m], r.refiner_hidden, r.extractor_kernel)
-                for m in mods
+                for m in mods if m not in token_ids
             })
         self._task_loss = task_loss_for(self.info.task)
         self.generator: torch.Generator | None = None
@@ -440,6 +443,8 @@ class DiCMoR(Method):
         if not len(self.decoders):
             raise RuntimeError("this DiCMoR has no input decoders; build it with input_decoder=True")
         if modality not in self.decoders:
+            if modality in self._token_modalities:
+                raise KeyError(f"modality {modality!r} arrives as token ids and has no input decoder")
             raise KeyError(f"unknown modality {modality!r}; known: {list(self.modalities)}")
         return self.decoders[modality](h)
 
@@ -464,6 +469,8 @@ class DiCMoR(Method):
             raise ValueError(f"src and dst must differ, got {src!r} for both")
         if not len(self.decoders):
             raise RuntimeError("transfer_input needs input decoders; build DiCMoR with input_decoder=True")
+        if src in self._token_modalities:
+            raise ValueError(f"transfer_input takes input features; modality {src!r} arrives as token ids")
         if isinstance(batch_or_x, Batch):
             self._check_batch(batch_or_x)
             present = batch_or_x.present(src)
@@ -499,7 +506,7 @@ class DiCMoR(Method):
         terms = []
         for j, m in enumerate(self.modalities):
             rows = batch.mask[:, j].nonzero().squeeze(1)
-            if rows.numel():
+            if m in self.decoders and rows.numel():
                 x_hat = self.decoders[m](h[m].detach().index_select(0, rows))
                 terms.append(torch.mean((x_hat - batch.features[m].index_select(0, rows)) ** 2))
         return torch.stack(terms).mean() if terms else None
