@@ -47,11 +47,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="model size: small, mosi, mosei (default: small on synthetic, else mosi)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per training stage (default 20)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per training stage (default 8)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--patience", type=int, default=6, help="early-stopping patience on validation (default 6)")
+    p.add_argument("--patience", type=int, default=4, help="early-stopping patience on validation (default 4)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs short (quick runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

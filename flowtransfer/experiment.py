@@ -102,11 +102,11 @@ class ExperimentConfig:
     rates: tuple[float, ...] = DEFAULT_RATES
     patterns: bool = True
     preset: str | None = None
-    epochs: int = 20
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
-    early_stop_patience: int | None = 6
+    early_stop_patience: int | None = 4
     grad_clip_norm: float | None = 5.0
     valid_missing_rate: float = 0.3
     max_steps_per_epoch: int | None = None
