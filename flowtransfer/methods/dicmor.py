@@ -65,7 +65,9 @@ decoders never change what the rest of the model learns). :meth:`DiCMoR.transfer
 recovers a modality *in its input space*, e.g. AV-MNIST audio in, image out:
 :math:`\hat x_{dst} = G_{dst}(D_{dst}(F_{dst}^{-1}(F_{src}(E_{src}(x_{src})))))`.
 
-Not done: text as token ids (``text_bert``) through a BERT encoder.
+Text as token ids (MMSA ``text_bert``): set ``text_encoder_path`` (a local BERT folder) or
+``text_encoder_config`` and the extractor of ``text_modality`` reads BERT's hidden states
+(:mod:`flowtransfer.models.text`); ``text_finetune`` fine-tunes it in the complete/joint stages.
 
 Example::
 
