@@ -74,8 +74,10 @@ def task_loss_for(task: str) -> Callable[[Tensor, Tensor], Tensor]:
     return task_loss(task)
 
 
-def _config_from(config: FusionConfig | Mapping[str, Any] | str | None, preset: str | None,
-                 overrides: dict[str, Any]) -> FusionConfig:
+def fusion_config_from(config: FusionConfig | Mapping[str, Any] | str | None, preset: str | None,
+                       overrides: dict[str, Any]) -> FusionConfig:
+    """Resolve a fusion backbone's configuration from ``config=`` (object, mapping or preset name),
+    ``preset=`` and keyword overrides (one rule for every method built on :class:`FusionModel`)."""
     if isinstance(config, str):
         if preset is not None:
             raise ValueError("give the preset either as config= or as preset=, not both")
@@ -124,7 +126,7 @@ class FusionModel(Method):
         **overrides: Any,
     ) -> None:
         super().__init__(info)
-        cfg = _config_from(config, preset, overrides)
+        cfg = fusion_config_from(config, preset, overrides)
         self.config = cfg
         self.name = name
         self.complete_only = bool(complete_only)

@@ -57,6 +57,7 @@ from flowtransfer.models.mult import sinusoidal_positions
 
 from .base import DatasetInfo, Method, register_method, simulate_missing
 from .fusion_model import FusionModel, build_head_for, task_loss_for
+from .fusion_model import fusion_config_from as _fusion_config
 from .presets import FusionConfig
 
 __all__ = [
@@ -149,24 +150,6 @@ def zero_loss(module: nn.Module) -> Tensor:
     if not params:
         raise RuntimeError(f"{type(module).__name__} has no trainable parameter")
     return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=params[0].device))
-
-
-def _fusion_config(config: FusionConfig | Mapping[str, Any] | str | None, preset: str | None,
-                   overrides: dict[str, Any]) -> FusionConfig:
-    """Resolve the backbone configuration exactly as :class:`FusionModel` does."""
-    if isinstance(config, str):
-        if preset is not None:
-            raise ValueError("give the preset either as config= or as preset=, not both")
-        preset, config = config, None
-    if config is None:
-        return FusionConfig.preset(preset or "mosi", **overrides)
-    if preset is not None:
-        raise ValueError("give either config= or preset=, not both")
-    if isinstance(config, Mapping):
-        config = FusionConfig(**dict(config))
-    if not isinstance(config, FusionConfig):
-        raise TypeError(f"config must be a FusionConfig, a mapping or a preset name, got {type(config).__name__}")
-    return replace(config, **overrides) if overrides else config
 
 
 class SingleModalityFusion(nn.Module):
