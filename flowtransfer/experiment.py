@@ -160,12 +160,21 @@ def _chunks(ds: MultimodalDataset, size: int = 256):
         yield ds.batch(np.arange(start, min(start + size, len(ds))))
 
 
+def _recovers(method: Any) -> bool:
+    """Whether ``method`` overrides both ``recover`` and ``encode`` of the :class:`Method` base
+    (the base versions raise ``NotImplementedError``)."""
+    from flowtransfer.methods import Method
+
+    cls = type(method)
+    return all(getattr(cls, name, None) is not getattr(Method, name) for name in ("recover", "encode"))
+
+
 def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -> dict[str, float]:
     """Fréchet distances (``reduce="mean_time"``) between recovered and real features of the
     samples whose modality is missing, in the method's own feature space, pooled over modalities
     (sample-weighted mean). Also the distances of zero filling and of filling with the mean real
     feature, in the same space. Empty when nothing is missing or the method recovers nothing."""
-    if not (hasattr(method, "recover") and hasattr(method, "encode")) or mask.all():
+    if mask.all() or not _recovers(method):
         return {}
     complete = test.with_mask(np.ones_like(mask))
     masked = test.with_mask(mask)

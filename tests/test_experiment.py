@@ -142,3 +142,14 @@ def test_torchrun_two_processes_train_dicmor(tmp_path) -> None:
     actnorm = [m for m in method.modules() if type(m).__name__ == "ActNorm"]
     assert actnorm and all(bool(m.initialized) for m in actnorm)
     assert all(torch.isfinite(p).all() for p in method.parameters())
+
+
+def test_methods_without_recovery_get_no_distances(tmp_path) -> None:
+    """Methods that recover nothing (here MMANet and the unimodal model) run through the main job;
+    their rows simply carry no Fréchet distances."""
+    cfg = ExperimentConfig(methods=("mmanet", "unimodal"), seeds=(0,), rates=(0.5,), patterns=False, epochs=1,
+                           batch_size=32, max_steps_per_epoch=1, dataset_options=TINY, out=str(tmp_path),
+                           progress=False)
+    rows = run_experiment(cfg, log=lambda _: None)
+    assert {r["method"] for r in rows} == {"mmanet", "unimodal"}
+    assert all("fd_recovered" not in r for r in rows)
