@@ -79,8 +79,9 @@ class ExperimentConfig:
         patterns: also evaluate every fixed pattern of available modalities.
         preset: model size preset for DiCMoR and the fusion models (``small``, ``mosi``, ``mosei``);
             ``None`` picks ``small`` for the synthetic data and ``mosi`` otherwise.
-        epochs, batch_size, lr, weight_decay, early_stop_patience, grad_clip_norm: trainer settings
-            (each stage of a staged method gets ``epochs``).
+        epochs, batch_size, lr, weight_decay, early_stop_patience, grad_clip_norm: trainer settings.
+            Each stage of a staged method (DiCMoR: ``complete`` then ``recovery``) gets ``epochs``,
+            so under a capped budget it takes up to twice the optimiser steps of one-stage methods.
         valid_missing_rate: missing rate of the fixed validation mask used to select methods that
             train under missing modalities.
         max_steps_per_epoch: cut epochs short (quick runs and tests).

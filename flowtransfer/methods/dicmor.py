@@ -326,6 +326,17 @@ class DiCMoR(Method):
                 out[m] = self.flows[m](h[m].detach().index_select(0, idx))
         return out
 
+    def _clamp_latent(self, z: Tensor) -> Tensor:
+        """Clamp ``z`` (``(N, d, T)``) per channel to the prior's ``k``-sigma range over classes
+        (``k = latent_clamp``; 0 returns ``z`` unchanged)."""
+        k = self._r.latent_clamp
+        if not k:
+            return z
+        std = torch.exp(self.prior.log_std)
+        low = (self.prior.loc - k * std).amin(0)
+        high = (self.prior.loc + k * std).amax(0)
+        return torch.clamp(z, low[:, None].to(z.dtype), high[:, None].to(z.dtype))
+
     def _recover(
         self,
         avail: Tensor,
@@ -363,7 +374,7 @@ class DiCMoR(Method):
             z = torch.cat(zs)
             owner = torch.cat(owners)
             slot = torch.cat(slots)
-            x = self.flows[m].from_latent(z)  # one inverse per target, all sources batched
+            x = self.flows[m].from_latent(self._clamp_latent(z))  # one inverse per target, all sources batched
             if self._r.detach_transfer:
                 x = x.detach()
             r = tgt.numel()
@@ -433,7 +444,7 @@ class DiCMoR(Method):
         if space != "feature":
             raise ValueError(f"unknown space {space!r}; expected 'feature' or 'input'")
         self._check_pair(src, dst)
-        return self.flows[dst].from_latent(self.flows[src].to_latent(h))
+        return self.flows[dst].from_latent(self._clamp_latent(self.flows[src].to_latent(h)))
 
     def _check_pair(self, src: str, dst: str) -> None:
         for name in (src, dst):
@@ -492,7 +503,7 @@ class DiCMoR(Method):
             raise ValueError(f"modality {src!r}: input features contain NaN or inf")
         length = common_length(self.info.seq_lens, self._r.target_length)
         h = self.extractors[src](x, length)
-        rec = self.flows[dst].from_latent(self.flows[src].to_latent(h))
+        rec = self.flows[dst].from_latent(self._clamp_latent(self.flows[src].to_latent(h)))
         if refine:
             rec = self.refiners[dst](rec)
         out = self.decode(rec, dst)

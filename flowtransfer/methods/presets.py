@@ -74,6 +74,11 @@ class DiCMoRConfig:
         combine: ``"mean"`` or ``"conv"`` (see :mod:`flowtransfer.methods.dicmor`); ``None``: by variant.
         detach_transfer: stop gradients between the flows' transfers and the refiner; ``None``: by variant.
         clamp_bpd: ``max(0, bits/dim)`` as the released code; ``None``: by variant.
+        latent_clamp: before a transfer's inverse flow, clamp each latent channel to the prior's range
+            ``[min_c(mu_c - k sigma_c), max_c(mu_c + k sigma_c)]`` with this ``k``: a source latent far
+            outside the prior would otherwise be blown up by the target's inverse (seen on AV-MNIST:
+            2 of 3000 recovered samples reached 700x the real scale). ``0`` disables it; ``None``:
+            6 (paper) or 0 (official, as released).
         fusion: name for :func:`flowtransfer.models.fusion.build_fusion` (``"mult"``, ``"concat"``, ``"late"``).
         mult: MulT hyperparameters (its ``d`` is replaced by ``d``); ``head_dropout`` is the head's dropout.
         fusion_kwargs: extra keyword arguments for non-MulT fusions.
@@ -111,6 +116,7 @@ class DiCMoRConfig:
     combine: str | None = None
     detach_transfer: bool | None = None
     clamp_bpd: bool | None = None
+    latent_clamp: float | None = None
     fusion: str = "mult"
     mult: MulTConfig = field(default_factory=MulTConfig.mosi)
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +192,7 @@ class DiCMoRConfig:
             combine=self.combine if self.combine is not None else ("conv" if official else "mean"),
             detach_transfer=self.detach_transfer if self.detach_transfer is not None else official,
             clamp_bpd=self.clamp_bpd if self.clamp_bpd is not None else official,
+            latent_clamp=self.latent_clamp if self.latent_clamp is not None else (0.0 if official else 6.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
