@@ -47,7 +47,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="model size: small, mosi, mosei (default: small on synthetic, else mosi)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per training stage (default 8)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per training stage (default 5)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)

@@ -103,7 +103,7 @@ class ExperimentConfig:
     rates: tuple[float, ...] = DEFAULT_RATES
     patterns: bool = True
     preset: str | None = None
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
