@@ -37,39 +37,20 @@ OUT = REPO / "docs" / "figures"
 DPI = 110
 
 
-def transfer_model(epochs: int):
-    """The shipped default model, or a small one trained on the synthetic training split."""
+def transfer_model():
+    """The shipped default model (``scripts/train_default_model.py`` re-trains it)."""
     import flowtransfer
-    from flowtransfer.crossmodal import CrossModalFlows
-    from flowtransfer.data import make_synthetic
 
-    if flowtransfer.default_model_path().exists():
-        print("using the shipped default transfer model")
-        return flowtransfer.load()
-    print(f"no shipped default model: training a small CrossModalFlows ({epochs} epochs)")
-    torch.manual_seed(0)
-    train = make_synthetic(seed=0)["train"]
-    model = CrossModalFlows(train.input_dims, num_classes=train.prior_classes, num_layers=6, hidden=48,
-                            kernel_size=3, mixing="conv1x1", scale="softclamp")
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    labels = torch.as_tensor(train.class_labels())
-    for epoch in range(epochs):
-        model.train()
-        for batch in train.loader(100, shuffle=True, seed=epoch):
-            y = labels[batch.index]
-            loss = sum(model.nll(batch.features[m], m, y) for m in model.modalities) / len(model.modalities)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-    return model.eval()
+    if not flowtransfer.default_model_path().exists():
+        raise SystemExit("no shipped default model: run `python scripts/train_default_model.py` first")
+    return flowtransfer.load()
 
 
-def recovery_figures(out: Path, epochs: int, src: str = "A", dst: str = "L") -> None:
+def recovery_figures(out: Path, src: str = "A", dst: str = "L") -> None:
     import flowtransfer
     from flowtransfer.data import make_synthetic
 
-    model = transfer_model(epochs)
+    model = transfer_model()
     test = make_synthetic(seed=0)["test"]
     x_src, x_dst = test.features[src], test.features[dst]
     recovered = flowtransfer.transfer(x_src, src=src, dst=dst, model=model)
@@ -130,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.only in (None, "recovery"):
-        recovery_figures(out, args.epochs)
+        recovery_figures(out)
         print(f"recovery figures done ({time.perf_counter() - start:.0f} s)")
     if args.only in (None, "curves"):
         curve_figure(out, curve_rows(args.results, args.epochs, tuple(range(args.seeds))))
