@@ -55,6 +55,15 @@ STAGES = ("complete", "recovery", "joint")
 FILLS = ("zero", "mean")
 
 
+def _coerce_plain_fields(cfg: Any) -> None:
+    """Turn the plain-data forms a checkpoint stores back into typed fields: ``mult`` dict ->
+    :class:`MulTConfig`, ``train_missing_rate`` list -> tuple (shared by both configs)."""
+    if isinstance(cfg.mult, dict):
+        cfg.mult = MulTConfig(**cfg.mult)
+    if isinstance(cfg.train_missing_rate, list):
+        cfg.train_missing_rate = tuple(cfg.train_missing_rate)
+
+
 @dataclass
 class DiCMoRConfig:
     """Every DiCMoR option; build one with :meth:`preset` and keyword overrides.
@@ -132,10 +141,7 @@ class DiCMoRConfig:
     text_modality: str = "L"
 
     def __post_init__(self) -> None:
-        if isinstance(self.mult, dict):
-            self.mult = MulTConfig(**self.mult)
-        if isinstance(self.train_missing_rate, list):
-            self.train_missing_rate = tuple(self.train_missing_rate)
+        _coerce_plain_fields(self)
         self.validate()
 
     def validate(self) -> None:
@@ -261,10 +267,7 @@ class FusionConfig:
     text_modality: str = "L"
 
     def __post_init__(self) -> None:
-        if isinstance(self.mult, dict):
-            self.mult = MulTConfig(**self.mult)
-        if isinstance(self.train_missing_rate, list):
-            self.train_missing_rate = tuple(self.train_missing_rate)
+        _coerce_plain_fields(self)
         if self.fill not in FILLS:
             raise ValueError(f"unknown fill {self.fill!r}; expected one of {FILLS}")
         if self.d < 1 or self.extractor_kernel < 1:
