@@ -416,8 +416,24 @@ def test_fast_dropout_statistics():
     y = _dropout(x, 0.3, training=True)
     kept = y != 0
     assert abs(kept.double().mean().item() - 0.7) < 4e-3  # about 5 standard deviations
-    k = round(32768 * 0.3)
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 32768 / (32768 - k)))
+    k = round(65536 * 0.3)
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 65536 / (65536 - k)))
+
+
+def test_int16_draws_are_uniform_over_the_full_range():
+    from flowtransfer.models.mult import _int16_draws
+
+    torch.manual_seed(16)
+    d = _int16_draws((1001, 999), torch.device("cpu")).long()  # not a multiple of 4 elements
+    assert d.shape == (1001, 999)
+    # every 16-bit piece of a word must be uniform: the sign bit included (a draw from [0, 2^63)
+    # would leave one piece in four non-negative)
+    for piece in range(4):
+        part = d.flatten()[piece::4]
+        assert abs((part < 0).double().mean().item() - 0.5) < 0.01
+        assert abs(part.double().mean().item()) < 0.01 * 32768
+    counts = torch.bincount(((d.flatten() + 32768) // 4096), minlength=16).double()
+    assert (counts / counts.mean() - 1).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("causal", ["none", "is_causal", "mask"])
@@ -429,7 +445,7 @@ def test_attention_dropout_path_matches_fused_kernel(causal):
     q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, tk, 4), torch.randn(2, 3, tk, 4)
     mask = _causal_mask(5, 7, q.device) if causal == "mask" else None
     is_causal = causal == "is_causal"
-    # p below 1/32768 rounds to no drop, but still takes the explicit softmax path
+    # p below 1/131072 rounds to no drop, but still takes the explicit softmax path
     manual = _attention(q, k, v, mask, is_causal, p=1e-9, training=True)
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     torch.testing.assert_close(manual, fused)

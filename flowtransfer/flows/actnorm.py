@@ -10,18 +10,14 @@ is positive and :math:`\log|s| = \ell`). Reference: Kingma & Dhariwal, *Glow*, N
 from __future__ import annotations
 
 import torch
-from nflows.transforms.base import Transform
 from torch import Tensor, nn
+
+from .layout import ChannelMajorTransform, check_input
 
 __all__ = ["ActNorm"]
 
 
-def _check_input(x: Tensor, channels: int, who: str) -> None:
-    if x.dim() != 3 or x.shape[1] != channels:
-        raise ValueError(f"{who}: expected input of shape (batch, {channels}, time), got {tuple(x.shape)}")
-
-
-class ActNorm(Transform):
+class ActNorm(ChannelMajorTransform):
     r"""Per-channel affine normalisation with data-dependent initialisation.
 
     On the first :meth:`forward` in training mode the shift and scale are set so that the output
@@ -50,11 +46,15 @@ class ActNorm(Transform):
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
 
-    @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set shift and scale from a batch ``x`` of shape ``(B, C, T)``; mark as initialised."""
-        _check_input(x, self.channels, "ActNorm.initialize")
-        flat = x.detach().transpose(0, 1).reshape(self.channels, -1).double()
+        check_input(x, self.channels, "ActNorm.initialize")
+        self.initialize_cm(x.transpose(0, 1))
+
+    @torch.no_grad()
+    def initialize_cm(self, x: Tensor) -> None:
+        """:meth:`initialize` from a channel-major batch ``(C, B, T)``."""
+        flat = x.detach().reshape(self.channels, -1).double()
         # count, sum and sum of squares per channel, pooled over processes when distributed
         stats = torch.cat([flat.new_tensor([flat.shape[1]]), flat.sum(1), flat.square().sum(1)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -68,17 +68,16 @@ class ActNorm(Transform):
         self.initialized.fill_(True)
 
     def _logabsdet(self, x: Tensor) -> Tensor:
-        return (x.shape[2] * self.log_scale.sum()).expand(x.shape[0])
+        # x is channel-major (C, B, T)
+        return (x.shape[2] * self.log_scale.sum()).expand(x.shape[1])
 
-    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "ActNorm")
+    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.training and not bool(self.initialized):
-            self.initialize(inputs)
-        y = (inputs - self.shift[:, None]) * torch.exp(self.log_scale)[:, None]
-        return y, self._logabsdet(inputs)
+            self.initialize_cm(x)
+        y = (x - self.shift[:, None, None]) * torch.exp(self.log_scale)[:, None, None]
+        return y, self._logabsdet(x)
 
-    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "ActNorm.inverse")
+    def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # divide by the same exp(log_scale) the forward multiplies by: one rounding, not two
-        x = inputs / torch.exp(self.log_scale)[:, None] + self.shift[:, None]
-        return x, -self._logabsdet(inputs)
+        y = x / torch.exp(self.log_scale)[:, None, None] + self.shift[:, None, None]
+        return y, -self._logabsdet(x)

@@ -14,6 +14,12 @@ released DiCMoR code; ``kernel_size >= 3`` lets the scale and shift at time ``t`
 half at neighbouring times (the Jacobian stays block-triangular, so the log-det is unchanged in
 form). Any ``T >= 1`` works: the padding keeps the length.
 
+The layer computes channel-major (:mod:`~flowtransfer.flows.layout`): the halves are contiguous
+row blocks of ``(C, B, T)`` and each convolution of the network is one matrix product
+(:func:`~flowtransfer.flows.layout.conv1d_channel_major`) with the ``nn.Sequential``'s own
+parameters, so ``net`` stays an ordinary module (its ``state_dict`` and its ``(B, C, T)`` call are
+unchanged).
+
 References: Dinh et al., *Density estimation using Real NVP*, ICLR 2017; Kingma & Dhariwal,
 *Glow*, NeurIPS 2018; Wang et al., *DiCMoR*, ICCV 2023.
 """
@@ -24,8 +30,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from nflows.transforms.base import Transform
 from torch import Tensor, nn
+
+from .layout import ChannelMajorTransform, conv1d_channel_major
 
 __all__ = ["AffineCoupling", "PointwiseConv1d", "SCALE_FUNCTIONS", "coupling_network"]
 
@@ -80,7 +87,7 @@ def coupling_network(
     )
 
 
-class AffineCoupling(Transform):
+class AffineCoupling(ChannelMajorTransform):
     r"""Affine coupling layer for ``(B, C, T)`` inputs (an nflows ``Transform``).
 
     Scale functions (``scale=``), for the transformed half :math:`x_b`:
@@ -156,70 +163,61 @@ class AffineCoupling(Transform):
             f"cond_channels={self.cond_channels}"
         )
 
+    reads_context = True
+
     # ------------------------------------------------------------------ helpers
-    def _check(self, x: Tensor, who: str) -> None:
-        if x.dim() != 3 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"{who}: expected input of shape (batch, {self.channels}, time), got {tuple(x.shape)}"
-            )
+    def _network_cm(self, x: Tensor) -> Tensor:
+        """``self.net`` applied to a channel-major input ``(C_in, B, T) -> (C_out, B, T)``."""
+        pad = (0, 0)
+        for layer in self.net:
+            if isinstance(layer, nn.ConstantPad1d):
+                pad = tuple(layer.padding)
+            elif isinstance(layer, nn.Conv1d):
+                p = layer.padding[0] if isinstance(layer.padding, tuple) else 0
+                x = conv1d_channel_major(x, layer.weight, layer.bias, (pad[0] + p, pad[1] + p))
+                pad = (0, 0)
+            else:  # activations act elementwise, whatever the layout
+                x = layer(x)
+        return x
 
-    def _net_input(self, xa: Tensor, context: Tensor | None) -> Tensor:
-        if self.cond_channels == 0:
-            if context is not None:
-                raise ValueError("this coupling takes no context (cond_channels=0) but one was given")
-            return xa
-        if context is None:
-            raise ValueError(
-                f"this coupling is conditional (cond_channels={self.cond_channels}): "
-                "context of shape (batch, cond_channels[, time]) is required"
-            )
-        b, _, t = xa.shape
-        if context.dim() == 2:
-            context = context.unsqueeze(-1).expand(-1, -1, t)
-        if context.dim() != 3 or context.shape[0] != b or context.shape[1] != self.cond_channels or context.shape[2] != t:
-            raise ValueError(
-                f"context must have shape ({b}, {self.cond_channels}, {t}) or ({b}, {self.cond_channels}), "
-                f"got {tuple(context.shape)}"
-            )
-        return torch.cat([xa, context.to(xa.dtype)], dim=1)
-
-    def _params(self, xa: Tensor, context: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        out = self.net(self._net_input(xa, context))
+    def _params_cm(self, xa: Tensor, context: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """Scale pre-activation ``h`` and shift ``t``, each ``(C - C//2, B, T)`` (``h`` is ``None``
+        for the additive scale); ``context`` is channel-major ``(cond, B, T)`` or ``None``."""
+        inp = xa if context is None else torch.cat([xa, context.to(xa.dtype)], dim=0)
+        out = self._network_cm(inp)
         if self.scale == "additive":
             return None, out
-        return out[:, : self.transformed], out[:, self.transformed :]
+        return out[: self.transformed], out[self.transformed :]
 
-    # ------------------------------------------------------------------ transform
-    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self._check(inputs, "AffineCoupling")
-        xa, xb = inputs[:, : self.split], inputs[:, self.split :]
-        h, t = self._params(xa, context)
+    # ------------------------------------------------------------------ transform (channel-major)
+    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        xa, xb = x[: self.split], x[self.split :]
+        h, t = self._params_cm(xa, context)
         if self.scale == "sigmoid":
             z = h + 2.0
             yb = (xb + t) * torch.sigmoid(z)
-            logdet = F.logsigmoid(z).sum((1, 2))
+            logdet = F.logsigmoid(z).sum((0, 2))
         elif self.scale == "softclamp":
             log_s = self.clamp * torch.tanh(h / self.clamp)
-            yb = xb * torch.exp(log_s) + t
-            logdet = log_s.sum((1, 2))
+            yb = torch.addcmul(t, xb, torch.exp(log_s))
+            logdet = log_s.sum((0, 2))
         else:
             yb = xb + t
-            logdet = inputs.new_zeros(inputs.shape[0])
-        return torch.cat([xa, yb], dim=1), logdet
+            logdet = x.new_zeros(x.shape[1])
+        return torch.cat([xa, yb], dim=0), logdet
 
-    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self._check(inputs, "AffineCoupling.inverse")
-        ya, yb = inputs[:, : self.split], inputs[:, self.split :]
-        h, t = self._params(ya, context)
+    def inverse_cm(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ya, yb = y[: self.split], y[self.split :]
+        h, t = self._params_cm(ya, context)
         if self.scale == "sigmoid":
             z = h + 2.0
             xb = yb / torch.sigmoid(z) - t
-            logdet = -F.logsigmoid(z).sum((1, 2))
+            logdet = -F.logsigmoid(z).sum((0, 2))
         elif self.scale == "softclamp":
             log_s = self.clamp * torch.tanh(h / self.clamp)
             xb = (yb - t) / torch.exp(log_s)  # the forward's exact factor: one rounding
-            logdet = -log_s.sum((1, 2))
+            logdet = -log_s.sum((0, 2))
         else:
             xb = yb - t
-            logdet = inputs.new_zeros(inputs.shape[0])
-        return torch.cat([ya, xb], dim=1), logdet
+            logdet = y.new_zeros(y.shape[1])
+        return torch.cat([ya, xb], dim=0), logdet

@@ -2,24 +2,26 @@ r"""Channel mixing for ``(batch, channels, time)`` inputs: LU 1x1 convolution, p
 
 A coupling layer leaves half of the channels unchanged; mixing between couplings makes every channel
 transformed somewhere in the stack. All three layers act on channels only, identically at every time
-step, so each is one ``C x C`` matrix applied with a single batched matmul over ``(B, C, T)``.
+step: on channel-major ``(C, B, T)`` tensors (:mod:`~flowtransfer.flows.layout`) the 1x1 convolution
+is one ``(C, C) @ (C, B*T)`` matrix product and the permutations are row gathers.
 """
 
 from __future__ import annotations
 
 import torch
-from nflows.transforms.base import Transform
 from torch import Tensor, nn
+
+from .layout import ChannelMajorTransform
 
 __all__ = ["InvertibleConv1x1", "ChannelPermutation", "ChannelFlip"]
 
 
-def _check_input(x: Tensor, channels: int, who: str) -> None:
-    if x.dim() != 3 or x.shape[1] != channels:
-        raise ValueError(f"{who}: expected input of shape (batch, {channels}, time), got {tuple(x.shape)}")
+def _channel_matmul(w: Tensor, x: Tensor) -> Tensor:
+    """``(C', C) @ (C, B, T) -> (C', B, T)``, one matrix product."""
+    return torch.mm(w, x.reshape(x.shape[0], -1)).view(w.shape[0], x.shape[1], x.shape[2])
 
 
-class InvertibleConv1x1(Transform):
+class InvertibleConv1x1(ChannelMajorTransform):
     r"""Invertible 1x1 convolution over channels, LU-parametrised (Glow, Kingma & Dhariwal 2018).
 
     .. math:: W = P L \big(U + \operatorname{diag}(\mathrm{sign} \odot e^{\mathbf{s}})\big),
@@ -85,19 +87,22 @@ class InvertibleConv1x1(Transform):
         w = self.weight().detach().to(work) if not torch.is_grad_enabled() else self.weight().to(work)
         return torch.linalg.inv(w).to(self.lower.dtype)
 
+    def logabsdet_per_step(self) -> Tensor:
+        r"""Scalar :math:`\sum_i s_i`, the log-det of one time step."""
+        return self.log_diag.sum()
+
     def _logabsdet(self, x: Tensor) -> Tensor:
-        return (x.shape[2] * self.log_diag.sum()).expand(x.shape[0])
+        # x is channel-major (C, B, T)
+        return (x.shape[2] * self.logabsdet_per_step()).expand(x.shape[1])
 
-    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "InvertibleConv1x1")
-        return torch.matmul(self.weight(), inputs), self._logabsdet(inputs)
+    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return _channel_matmul(self.weight(), x), self._logabsdet(x)
 
-    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "InvertibleConv1x1.inverse")
-        return torch.matmul(self.weight_inverse(), inputs), -self._logabsdet(inputs)
+    def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return _channel_matmul(self.weight_inverse(), x), -self._logabsdet(x)
 
 
-class ChannelPermutation(Transform):
+class ChannelPermutation(ChannelMajorTransform):
     """A fixed random permutation of channels (log-det 0).
 
     Arguments:
@@ -119,16 +124,14 @@ class ChannelPermutation(Transform):
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
 
-    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "ChannelPermutation")
-        return inputs[:, self.perm], inputs.new_zeros(inputs.shape[0])
+    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x.index_select(0, self.perm), x.new_zeros(x.shape[1])
 
-    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "ChannelPermutation.inverse")
-        return inputs[:, self.inverse_perm], inputs.new_zeros(inputs.shape[0])
+    def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x.index_select(0, self.inverse_perm), x.new_zeros(x.shape[1])
 
 
-class ChannelFlip(Transform):
+class ChannelFlip(ChannelMajorTransform):
     """Reverse the channel order (log-det 0); its own inverse. Swaps the coupling halves."""
 
     def __init__(self, channels: int):
@@ -138,10 +141,8 @@ class ChannelFlip(Transform):
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
 
-    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "ChannelFlip")
-        return inputs.flip(1), inputs.new_zeros(inputs.shape[0])
+    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x.flip(0), x.new_zeros(x.shape[1])
 
-    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_input(inputs, self.channels, "ChannelFlip.inverse")
-        return inputs.flip(1), inputs.new_zeros(inputs.shape[0])
+    def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x.flip(0), x.new_zeros(x.shape[1])

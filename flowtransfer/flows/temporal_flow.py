@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .actnorm import ActNorm
 from .coupling import AffineCoupling
+from .layout import ChannelMajorTransform, from_channel_major, to_channel_major
 from .linear import ChannelFlip, ChannelPermutation, InvertibleConv1x1
 from .prior import ClassConditionalGaussian
 
@@ -32,7 +33,7 @@ __all__ = ["FlowStep", "TemporalFlow", "MIXINGS"]
 MIXINGS = ("conv1x1", "flip", "permutation", None)
 
 
-class FlowStep(Transform):
+class FlowStep(ChannelMajorTransform):
     """One step: ``ActNorm -> channel mixing -> AffineCoupling``, each part switchable.
 
     Arguments:
@@ -80,22 +81,27 @@ class FlowStep(Transform):
             )
         )
         self.layers = torch.nn.ModuleList(layers)
+        self.channels = int(channels)
+        self.cond_channels = int(cond_channels)
 
     @property
     def coupling(self) -> AffineCoupling:
         return self.layers[-1]
 
-    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x, total = inputs, None
+    def context_cm(self, context: Tensor | None, batch: int, length: int) -> Tensor | None:
+        return self.coupling.context_cm(context, batch, length)
+
+    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = None
         for layer in self.layers:
-            x, ld = layer(x, context)
+            x, ld = layer.forward_cm(x, context)
             total = ld if total is None else total + ld
         return x, total
 
-    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x, total = inputs, None
+    def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = None
         for layer in reversed(self.layers):
-            x, ld = layer.inverse(x, context)
+            x, ld = layer.inverse_cm(x, context)
             total = ld if total is None else total + ld
         return x, total
 
@@ -227,14 +233,26 @@ class TemporalFlow(Flow):
 
     # ------------------------------------------------------------------ maps
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Data to noise: ``(z, logabsdet)`` with ``z`` ``(B, C, T)`` and log-det ``(B,)``."""
+        """Data to noise: ``(z, logabsdet)`` with ``z`` ``(B, C, T)`` and log-det ``(B,)``.
+
+        The same map as the ``CompositeTransform`` of the steps, computed channel-major between
+        one transpose in and one out (:mod:`~flowtransfer.flows.layout`)."""
         self._check(inputs, "x")
-        return self._transform(inputs, context)
+        return self._run(inputs, context, inverse=False)
 
     def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Noise to data: ``(x, logabsdet)``, the log-det of the inverse map (``(B,)``)."""
         self._check(inputs, "z")
-        return self._transform.inverse(inputs, context)
+        return self._run(inputs, context, inverse=True)
+
+    def _run(self, inputs: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        steps = self.steps
+        ctx = steps[0].context_cm(context, inputs.shape[0], inputs.shape[2])
+        x, total = to_channel_major(inputs), inputs.new_zeros(inputs.shape[0])
+        for step in (reversed(steps) if inverse else steps):
+            x, ld = step.inverse_cm(x, ctx) if inverse else step.forward_cm(x, ctx)
+            total = total + ld
+        return from_channel_major(x), total
 
     def to_latent(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``z = f(x)``, shape ``(B, C, T)``."""

@@ -23,7 +23,8 @@ kept; the ``M`` vectors are concatenated: output ``(B, M (M-1) d)`` ordered targ
 directions with the same lengths run as one batched matmul per projection and one attention call
 per layer (per-direction attention dropouts included); the sinusoidal table and causal masks are
 cached by length; dropouts with ``p = 0`` (or in eval mode) are skipped and the others draw one
-``int16`` per element (see :func:`_dropout`); there is no loop over samples. With ``pool="last"`` the
+``int16`` per element, four per 64-bit generator word (see :func:`_keep_mask`); there is no loop
+over samples. With ``pool="last"`` the
 memory transformers' last layer computes its queries, output projection and feed-forward for the
 last step only (the other steps of that layer are never read).
 
@@ -70,25 +71,47 @@ from torch import Tensor, nn
 __all__ = ["MulTConfig", "MulT", "sinusoidal_positions", "StackedTransformer"]
 
 
-_DROP_LEVELS = 32768  # int16 random_() draws uniformly from {0, ..., 32767}
+_DROP_LEVELS = 65536  # a dropout draw is one int16: 65536 equally likely values
+
+
+def _drop_threshold(p: float) -> int:
+    """``k = round(65536 p)``: an element is dropped when its int16 draw is below ``-32768 + k``."""
+    return round(_DROP_LEVELS * float(p))
+
+
+def _int16_draws(shape: Sequence[int], device: torch.device) -> Tensor:
+    """Uniform int16 draws of ``shape``, four per 64-bit random word (each 16-bit piece of a word
+    drawn uniformly from the full int64 range is uniform over int16); about 3 times faster on CPU
+    than one generator call per element."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    return words.view(torch.int16)[:n].view(tuple(shape))
+
+
+def _keep_mask(shape: Sequence[int], p: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    r"""A 0/1 mask of ``shape`` and ``dtype``: 0 (dropped) with probability :math:`k/65536`,
+    :math:`k = \mathrm{round}(65536\,p)` (within :math:`7.7\cdot10^{-6}` of ``p``). ``p`` may be a tensor
+    of probabilities broadcastable to ``shape`` (one per stream). The comparison writes the mask
+    straight into ``dtype`` (no bool intermediate)."""
+    if isinstance(p, Tensor):
+        threshold = (torch.round(p * _DROP_LEVELS) - 32768).to(torch.int16)
+    else:
+        threshold = _drop_threshold(p) - 32768
+    return torch.ge(_int16_draws(shape, device), threshold, out=torch.empty(tuple(shape), dtype=dtype, device=device))
+
+
+def _keep_scale(p: float) -> float:
+    """The inverted-dropout factor :math:`65536/(65536-k)` that keeps the expectation exact."""
+    return _DROP_LEVELS / (_DROP_LEVELS - _drop_threshold(p))
 
 
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    r"""Inverted dropout that costs nothing when it would do nothing (``p = 0`` or eval mode).
-
-    The mask comes from one random ``int16`` per element (about twice as fast on CPU as
-    ``F.dropout``'s float Bernoulli draws): an element is kept when its draw is
-    :math:`\ge k = \mathrm{round}(32768\,p)`, so the drop probability is :math:`k/32768`
-    (within :math:`1.6\cdot10^{-5}` of ``p``), and kept elements are scaled by
-    :math:`32768/(32768-k)`, which keeps the expectation exact.
-    """
-    if not training or p <= 0:
+    r"""Inverted dropout that costs nothing when it would do nothing (``p = 0``, ``p`` below
+    :math:`1/131072`, or eval mode); otherwise ``x * mask * factor`` with the mask of
+    :func:`_keep_mask` (about eight times faster on CPU than ``F.dropout``'s float Bernoulli draws)."""
+    if not training or p <= 0 or _drop_threshold(p) == 0:
         return x
-    k = round(_DROP_LEVELS * p)
-    if k == 0:
-        return x
-    draws = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_()
-    return x * ((draws >= k).to(x.dtype) * (_DROP_LEVELS / (_DROP_LEVELS - k)))
+    return x * _keep_mask(x.shape, p, x.dtype, x.device).mul_(_keep_scale(p))
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
@@ -97,8 +120,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: 
 
     ``p`` is the attention-weight dropout, one float or one per stream (``len(p) == P``). Without
     dropout this is ``scaled_dot_product_attention`` (the fused CPU kernel); with it, an explicit
-    softmax then :func:`_dropout` (the fused kernel has no dropout on CPU, and its math fallback adds
-    masking checks).
+    softmax, the weights' 0/1 mask (:func:`_keep_mask`), and the inverted-dropout factor applied to
+    the ``(T_q, e)`` output rather than to the ``(T_q, T_k)`` weights (the same product, one pass
+    over the weights fewer).
     """
     ps = [float(p)] if isinstance(p, (int, float)) else [float(x) for x in p]
     if not training or max(ps) <= 0:
@@ -109,17 +133,20 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: 
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    if len(set(ps)) == 1:
-        weights = _dropout(weights, ps[0], training)
-    else:  # per-stream probabilities, same int16 draw rule as _dropout
-        ks = torch.tensor([round(_DROP_LEVELS * x) for x in ps], device=q.device)
-        shape = (len(ps), -1) + (1,) * (weights.dim() - 1)
-        grouped = weights.view(len(ps), -1, *weights.shape[1:])
-        draws = torch.empty(grouped.shape, dtype=torch.int16, device=q.device).random_()
-        keep = draws >= ks.view(shape).to(torch.int16)
-        scale = (_DROP_LEVELS / (_DROP_LEVELS - ks)).to(weights.dtype).view(shape)
-        weights = (grouped * (keep.to(weights.dtype) * scale)).view(weights.shape)
-    return torch.matmul(weights, v)
+    if len({_drop_threshold(x) for x in ps}) == 1:
+        if _drop_threshold(ps[0]) == 0:
+            return torch.matmul(weights, v)
+        keep = _keep_mask(weights.shape, ps[0], weights.dtype, q.device)
+        return torch.matmul(weights * keep, v).mul_(_keep_scale(ps[0]))
+    # per-stream probabilities: one threshold and one factor per stream
+    streams = len(ps)
+    grouped = weights.view(streams, -1, *weights.shape[1:])
+    shape = (streams,) + (1,) * (grouped.dim() - 1)
+    probs = torch.tensor(ps, dtype=torch.float64, device=q.device).view(shape)
+    keep = _keep_mask(grouped.shape, probs, weights.dtype, q.device)
+    out = torch.matmul((grouped * keep).view(weights.shape), v)
+    scale = torch.tensor([_keep_scale(x) for x in ps], dtype=v.dtype, device=q.device).view(shape)
+    return (out.view(streams, -1, *out.shape[1:]) * scale).view(out.shape)
 
 
 _PE_CACHE: dict[tuple, Tensor] = {}
