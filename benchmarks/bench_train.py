@@ -22,7 +22,8 @@ Figures:
 
 * ``median ms``: median over ``--rounds`` rounds after ``--warmup`` untimed steps per configuration;
   every round runs every configuration once, in turn, so that drifting machine load hits all alike.
-  A training step = ``loss`` (forward) + ``backward`` + ``Adam.step``.
+  A training step = ``loss`` (forward) + ``backward`` + ``Adam.step`` (the trainer's optimiser,
+  :func:`flowtransfer.training.build_optimizer`: fused Adam).
 * ``peak MB``: the process's peak resident set size (``ru_maxrss``) after 2 steps of that
   configuration alone, in a fresh subprocess (``VmHWM``: Python + torch + model + data +
   activations + gradients + Adam state, the whole process, comparable with a ``max RSS`` figure),
@@ -112,11 +113,12 @@ def make_batch(seed: int = 0):
 
 def build(variant: str):
     from flowtransfer.methods import build_method
+    from flowtransfer.training import TrainConfig, build_optimizer
 
     torch.manual_seed(0)
     model = build_method(VARIANTS[variant], make_info(), preset="mosi")
     model.set_stage("joint")
-    opt = torch.optim.Adam(model.parameter_groups(), lr=1e-3)
+    opt = build_optimizer(model.parameter_groups(), TrainConfig(lr=1e-3))  # the trainer's optimiser
     return model, opt
 
 

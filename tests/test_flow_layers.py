@@ -218,3 +218,45 @@ def test_permutation_is_seeded_and_1x1_weight_inverse_is_accurate():
     torch.testing.assert_close(w @ w_inv, torch.eye(32), atol=2e-6, rtol=0)
     sign, logabs = torch.linalg.slogdet(w.double())
     torch.testing.assert_close(logabs.float(), conv.log_diag.sum(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k, pad", [(1, (0, 0)), (2, (0, 1)), (3, (1, 1)), (5, (2, 2)), (3, (0, 0))])
+def test_channel_major_conv_matches_conv1d(k, pad):
+    import torch.nn.functional as F
+
+    from flowtransfer.flows.layout import conv1d_channel_major
+
+    torch.manual_seed(20)
+    x = torch.randn(4, 6, 9, dtype=torch.float64)  # (B, C, T)
+    w, b = torch.randn(5, 6, k, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    want = F.conv1d(F.pad(x, pad), w, b)
+    got = conv1d_channel_major(x.transpose(0, 1).contiguous(), w, b, pad).transpose(0, 1)
+    torch.testing.assert_close(got, want)
+    got_nobias = conv1d_channel_major(x.transpose(0, 1).contiguous(), w, None, pad).transpose(0, 1)
+    torch.testing.assert_close(got_nobias, F.conv1d(F.pad(x, pad), w))
+
+
+def test_coupling_channel_major_path_matches_its_network_module():
+    # the coupling computes its network channel-major from the nn.Sequential's parameters; the
+    # module called on (B, C, T) must give the same scale and shift
+    torch.manual_seed(21)
+    for k in (1, 2, 3):
+        layer = AffineCoupling(6, hidden=8, kernel_size=k, scale="additive").double()
+        torch.nn.init.normal_(layer.net[-1].weight)
+        x = torch.randn(3, 6, 7, dtype=torch.float64)
+        y, _ = layer(x)
+        torch.testing.assert_close(y[:, 3:], x[:, 3:] + layer.net(x[:, :3]))
+
+
+def test_1x1_matrices_are_cached_without_grad_and_invalidated_by_updates():
+    torch.manual_seed(22)
+    layer = InvertibleConv1x1(5)
+    with torch.no_grad():
+        w = layer.weight()
+        assert layer.weight() is w and layer.weight_inverse() is layer.weight_inverse()
+        layer.log_diag.add_(0.25)  # an optimiser step is an in-place update
+        w2 = layer.weight()
+        assert w2 is not w and not torch.equal(w2, w)
+        torch.testing.assert_close(layer.weight_inverse() @ w2, torch.eye(5), atol=1e-6, rtol=0)
+    w3 = layer.weight()  # autograd records: formed afresh, with a graph
+    assert w3.requires_grad and w3 is not layer.weight()
