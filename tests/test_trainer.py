@@ -453,3 +453,27 @@ def test_prepare_hook_runs_once_seeded_before_training():
     assert a.label_mean.item() == pytest.approx(float(np.mean(train.labels)))
     assert a.draw == b.draw  # seeded with config.seed
     assert "train/loss/loss" not in result.history[0] and "train/loss/task" in result.history[0]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_build_optimizer_uses_the_fused_kernel_with_the_reference_update(name):
+    from flowtransfer.training import build_optimizer
+
+    torch.manual_seed(30)
+    nets = [nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    cfg = TrainConfig(optimizer=name, lr=1e-2, weight_decay=1e-3)
+    fast = build_optimizer([{"params": list(nets[0].parameters())}], cfg)
+    ref_cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    ref = ref_cls(nets[1].parameters(), lr=1e-2, weight_decay=1e-3, foreach=False)
+    assert fast.defaults["fused"] is True
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    x = torch.randn(16, 5)
+    for _ in range(5):
+        for net, opt in zip(nets, (fast, ref)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b, a0 in zip(nets[0].parameters(), nets[1].parameters(), start):
+        assert not torch.allclose(a, a0)  # the optimisers did move the parameters
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
