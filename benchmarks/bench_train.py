@@ -277,6 +277,14 @@ def instrument(model) -> None:
     _wrap(model.head, "forward", "head")
 
 
+#: profiler names of the kernels that do the matrix products
+GEMM_OPS = frozenset({
+    "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution",
+    "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+})
+
+
 def _component_of(ev: Any) -> str | None:
     p = ev
     while p is not None:
@@ -344,6 +352,9 @@ def breakdown(variant: str, kind: str, situation: str, steps: int = 3) -> dict[s
             comp = _component_of(ev)
             if comp is not None:
                 seq_comp.setdefault(ev.sequence_nr, comp)
+    # time inside the matrix-product kernels (self time, forward and backward): what remains of a step
+    # if everything else (elementwise work, copies, dispatch, Python) cost nothing
+    gemm = sum(ev.self_cpu_time_total for ev in events if ev.name in GEMM_OPS)
     unattributed = 0.0
     for ev in events:
         if ev.name.startswith("autograd::engine::evaluate_function"):
@@ -358,6 +369,7 @@ def breakdown(variant: str, kind: str, situation: str, steps: int = 3) -> dict[s
         "forward": {k: v * scale for k, v in fwd.items()},
         "backward": {k: v * scale for k, v in bwd.items()},
         "backward_unattributed": unattributed * scale,
+        "matrix_products": gemm * scale,
         "phases": {k: v * scale for k, v in phases.items()},
     }
 
@@ -383,6 +395,9 @@ def format_breakdown(name: str, b: dict[str, Any]) -> str:
             lines.append(f"  {c:<14} {extra:>8.0f} {'':>8} {share:>5.0f}%")
         else:
             lines.append(f"  {c:<14} {f:>8.0f} {bw:>8.0f} {share:>5.0f}%")
+    if "matrix_products" in b and total:
+        lines.append(f"  matrix products (mm/bmm/addmm/baddbmm/convolution/fused attention kernels, self time): "
+                     f"{b['matrix_products']:.0f} ms = {100.0 * b['matrix_products'] / total:.0f}% of the step")
     return "\n".join(lines)
 
 
@@ -447,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     bds = {}
     if not args.no_breakdown:
         for v in split(args.variants):
-            for kind, s in (("train", "one(V)"), ("infer", "one(V)")):
+            for kind, s in (("train", "all"), ("train", "one(V)"), ("infer", "one(V)")):
                 b = breakdown(v, kind, s)
                 bds[f"{v} {kind} {s}"] = b
                 print()

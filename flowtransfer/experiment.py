@@ -9,7 +9,10 @@ One run = one dataset x methods x seeds x settings. For each seed:
    the one :class:`~flowtransfer.training.Trainer`, selecting on the **validation** split only:
    complete validation data for models trained on complete data (``upper_bound``, ``zero_fill``,
    ``mean_fill``), a fixed random mask at ``valid_missing_rate`` for methods that train under missing
-   modalities (``dicmor`` ...). Methods with stages (DiCMoR) train ``complete`` then ``recovery``;
+   modalities (``dicmor`` ...). Methods with stages (DiCMoR) train ``complete`` then ``recovery``.
+   A fusion model whose training is the same computation as one already trained for this seed
+   (``upper_bound`` after ``zero_fill``: same network, data, selection and seed) takes its weights
+   instead of training again (:func:`_training_key`);
 3. each trained model is evaluated on the test split under every setting: task metrics, and for
    methods that recover features, the Fréchet distance between recovered and real features in the
    method's own feature space, beside the same distance for zero and mean filling in that space.
@@ -33,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowtransfer.data import MultimodalDataset, evaluation_settings, random_missing_mask, training_missing_mask
@@ -156,6 +160,23 @@ def _fit(method: Any, train: MultimodalDataset, valid: MultimodalDataset, valid_
     return time.perf_counter() - start
 
 
+def _training_key(method: Any, complete_selection: bool) -> str | None:
+    """A key equal for two methods whose training is the same computation, else ``None``.
+
+    Fusion models (``zero_fill``, ``upper_bound``, ...) differ only in what they do with absent
+    inputs at test time. Two of them with the same configuration (the fill included, which matters
+    when the training data itself has absent inputs), selected on the same validation data and
+    seeded alike, train to the same weights, so the second reuses the first's instead of
+    repeating it (``zero_fill`` and ``upper_bound`` in the main job).
+    """
+    from flowtransfer.methods.fusion_model import FusionModel
+
+    if type(method) is not FusionModel:
+        return None
+    return json.dumps({"config": method.config.to_dict(), "complete_selection": complete_selection},
+                      sort_keys=True, default=str)
+
+
 def _chunks(ds: MultimodalDataset, size: int = 256):
     for start in range(0, len(ds), size):
         yield ds.batch(np.arange(start, min(start + size, len(ds))))
@@ -245,13 +266,24 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         valid_mask = random_missing_mask(len(valid), modalities, cfg.valid_missing_rate, seed=seed + 104729)
         if cfg.train_eta is not None:
             valid_mask = None  # the validation split already carries the training setting's mask
+        trained: dict[str, tuple[str, dict[str, Tensor]]] = {}  # training key -> (method, weights)
         for name in cfg.methods:
             torch.manual_seed(seed)
             options = {"preset": cfg.resolved_preset(), **cfg.method_options.get(name, {})}
             method = build_method(name, info, **options)
             sel_mask = None if name in COMPLETE_DATA_METHODS else valid_mask
-            log(f"[seed {seed}] training {name} ...")
-            seconds = _fit(method, train, valid, sel_mask, cfg, seed, out / "checkpoints" / name / f"seed{seed}")
+            key = _training_key(method, sel_mask is None)
+            if key is not None and key in trained:
+                twin, weights = trained[key]
+                method.load_state_dict(weights)
+                seconds = 0.0
+                log(f"[seed {seed}] {name}: the same network, data, selection and seed as {twin}; "
+                    f"its trained weights are reused")
+            else:
+                log(f"[seed {seed}] training {name} ...")
+                seconds = _fit(method, train, valid, sel_mask, cfg, seed, out / "checkpoints" / name / f"seed{seed}")
+                if key is not None:
+                    trained[key] = (name, {k: v.detach().clone() for k, v in method.state_dict().items()})
             method.eval()
             evals = [("complete", np.ones((len(test), len(modalities)), dtype=bool), 0.0)]
             if name not in BOUND_METHODS:
@@ -263,7 +295,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                                        train_seconds=seconds))
             if main_process:
                 write_results(rows, out)
-            log(f"[seed {seed}] {name}: trained in {seconds:.0f} s")
+            if seconds:
+                log(f"[seed {seed}] {name}: trained in {seconds:.0f} s")
 
     if not main_process:
         return rows

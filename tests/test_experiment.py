@@ -153,3 +153,20 @@ def test_methods_without_recovery_get_no_distances(tmp_path) -> None:
     rows = run_experiment(cfg, log=lambda _: None)
     assert {r["method"] for r in rows} == {"mmanet", "unimodal"}
     assert all("fd_recovered" not in r for r in rows)
+
+
+def test_upper_bound_reuses_zero_fill_training_and_equals_training_it_alone(tiny_run, tmp_path) -> None:
+    _, rows = tiny_run
+    shared = {r["seed"]: r for r in rows if r["method"] == "upper_bound"}
+    zero = {r["seed"]: r for r in rows if r["method"] == "zero_fill" and r["setting"] == "mr=0.0"}
+    assert all(shared[s]["train_seconds"] == 0.0 for s in (0, 1))
+    assert all(shared[s]["acc"] == zero[s]["acc"] for s in (0, 1))
+    # the reuse is exact: training the bound on its own gives the same model
+    cfg = ExperimentConfig(
+        methods=("upper_bound",), seeds=(0,), rates=(0.0,), patterns=False, epochs=1, batch_size=32,
+        max_steps_per_epoch=2, dataset_options=TINY, out=str(tmp_path), progress=False,
+    )
+    alone = run_experiment(cfg, log=lambda _: None)[0]
+    assert alone["train_seconds"] > 0
+    for metric in ("acc", "f1_macro"):
+        assert alone[metric] == shared[0][metric]
