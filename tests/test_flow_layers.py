@@ -260,3 +260,16 @@ def test_1x1_matrices_are_cached_without_grad_and_invalidated_by_updates():
         torch.testing.assert_close(layer.weight_inverse() @ w2, torch.eye(5), atol=1e-6, rtol=0)
     w3 = layer.weight()  # autograd records: formed afresh, with a graph
     assert w3.requires_grad and w3 is not layer.weight()
+
+
+def test_1x1_cache_made_in_inference_mode_does_not_break_a_later_backward():
+    torch.manual_seed(23)
+    layer = InvertibleConv1x1(4)
+    layer.requires_grad_(False)  # frozen layer, gradients still flow to its input
+    x = torch.randn(2, 4, 3)
+    with torch.inference_mode():
+        layer(x)
+    xg = x.clone().requires_grad_(True)
+    y, _ = layer(xg)
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, layer.weight().sum(0)[None, :, None].expand(2, 4, 3))

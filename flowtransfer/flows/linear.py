@@ -69,14 +69,16 @@ class InvertibleConv1x1(ChannelMajorTransform):
         return torch.float64 if dt in (torch.float32, torch.float16, torch.bfloat16) else dt
 
     def _cache_key(self) -> tuple | None:
-        """Identifies the parameters' current values; ``None`` while autograd records (no caching)."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.lower, self.upper, self.log_diag)):
+        """Identifies the parameters' current values; ``None`` while gradients are enabled (no
+        caching then: the matrices must be part of the graph, and a tensor made under
+        ``torch.inference_mode`` could not be saved for a backward pass)."""
+        if torch.is_grad_enabled():
             return None
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in (self.lower, self.upper, self.log_diag))
 
     def _cached(self, name: str, make) -> Tensor:
-        """``make()``, reused while the parameters are unchanged and no gradient is recorded (in
-        evaluation and ``no_grad`` code the matrices are formed once, not once per call). A
+        """``make()``, reused while the parameters are unchanged and gradients are disabled (in
+        ``no_grad`` / ``inference_mode`` code the matrices are formed once, not once per call). A
         parameter update in place bumps its version counter, which invalidates the cache."""
         key = self._cache_key()
         if key is None:
