@@ -25,8 +25,8 @@ result tables is written into the repository.
 
 Run (the command behind benchmarks/README.md)::
 
-    .venv/bin/python benchmarks/real_data.py --datasets mosi --seeds 3 --epochs 12 --threads 1
-    .venv/bin/python benchmarks/real_data.py --datasets avmnist --seeds 2 --epochs 8 --max-steps-per-epoch 25 --threads 1
+    .venv/bin/python benchmarks/real_data.py --datasets mosi --seeds 5 --epochs 12 --threads 1
+    .venv/bin/python benchmarks/real_data.py --datasets avmnist --seeds 5 --epochs 8 --max-steps-per-epoch 25 --threads 1
     .venv/bin/python benchmarks/real_data.py --report-only        # rebuild the combined table
 
 ``--merge`` keeps rows of other seeds already in ``real_<dataset>_results.csv`` (to add seeds later).
