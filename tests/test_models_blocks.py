@@ -464,3 +464,17 @@ def test_attention_dropout_per_stream():
     kept = out[1] != 0
     assert abs(kept.float().mean().item() - 0.5) < 0.02
     torch.testing.assert_close(out[1][kept], 2 * weights.view(p_streams, batch, heads, t, t)[1][kept])
+
+
+@pytest.mark.parametrize("p", [1 - 2.0**-18, 0.9999])
+def test_dropout_close_to_one_drops_nearly_everything(p):
+    from flowtransfer.models.mult import _attention, _dropout
+
+    torch.manual_seed(17)
+    x = torch.ones(200_000)
+    y = _dropout(x, p, training=True)
+    assert torch.isfinite(y).all() and (y != 0).double().mean().item() < 1e-3
+    q = torch.randn(4, 1, 6, 2)
+    out = _attention(q, q, q, None, False, p=[p, 0.0], training=True)  # per-stream path
+    assert torch.isfinite(out).all()
+    assert out[:2].abs().sum() < out[2:].abs().sum()  # the first stream's weights are (nearly) all dropped

@@ -156,6 +156,11 @@ class AffineCoupling(ChannelMajorTransform):
         self.net = coupling_network(
             self.split + self.cond_channels, mult * self.transformed, hidden, kernel_size, activation
         )
+        # _network_cm computes every Conv1d as stride 1, dilation 1, one group, integer padding
+        assert all(
+            c.stride == (1,) and c.dilation == (1,) and c.groups == 1 and not isinstance(c.padding, str)
+            for c in self.net if isinstance(c, nn.Conv1d)
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -68,34 +68,11 @@ class InvertibleConv1x1(ChannelMajorTransform):
         dt = self.lower.dtype
         return torch.float64 if dt in (torch.float32, torch.float16, torch.bfloat16) else dt
 
-    def _cache_key(self) -> tuple | None:
-        """Identifies the parameters' current values; ``None`` while gradients are enabled (no
-        caching then: the matrices must be part of the graph, and a tensor made under
-        ``torch.inference_mode`` could not be saved for a backward pass)."""
-        if torch.is_grad_enabled():
-            return None
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in (self.lower, self.upper, self.log_diag))
-
-    def _cached(self, name: str, make) -> Tensor:
-        """``make()``, reused while the parameters are unchanged and gradients are disabled (in
-        ``no_grad`` / ``inference_mode`` code the matrices are formed once, not once per call). A
-        parameter update in place bumps its version counter, which invalidates the cache."""
-        key = self._cache_key()
-        if key is None:
-            return make()
-        cache = self.__dict__.setdefault("_matrix_cache", {})
-        hit = cache.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = make()
-        cache[name] = (key, value)
-        return value
-
     def weight(self) -> Tensor:
-        """The ``(C, C)`` matrix :math:`W` (formed in float64, rounded once to the layer's dtype)."""
-        return self._cached("weight", self._weight)
+        """The ``(C, C)`` matrix :math:`W` (formed in float64, rounded once to the layer's dtype).
 
-    def _weight(self) -> Tensor:
+        Formed afresh at every call, never cached: an optimiser may update the parameters without
+        a trace a cache could check (PyTorch's fused Adam leaves the version counters as they are)."""
         work = self._work_dtype()
         lower, upper = self._factors()
         w = self.permutation.to(work) @ (lower.to(work) @ upper.to(work))
@@ -109,9 +86,6 @@ class InvertibleConv1x1(ChannelMajorTransform):
         rounding per entry between the two directions; the round trip then only carries the
         rounding of the two matrix products.
         """
-        return self._cached("weight_inverse", self._weight_inverse)
-
-    def _weight_inverse(self) -> Tensor:
         work = self._work_dtype()
         w = self.weight().detach().to(work) if not torch.is_grad_enabled() else self.weight().to(work)
         return torch.linalg.inv(w).to(self.lower.dtype)

@@ -75,8 +75,9 @@ _DROP_LEVELS = 65536  # a dropout draw is one int16: 65536 equally likely values
 
 
 def _drop_threshold(p: float) -> int:
-    """``k = round(65536 p)``: an element is dropped when its int16 draw is below ``-32768 + k``."""
-    return round(_DROP_LEVELS * float(p))
+    """``k = min(round(65536 p), 65535)``: an element is dropped when its int16 draw is below
+    ``-32768 + k`` (the cap keeps the threshold inside int16 for ``p`` within :math:`2^{-17}` of 1)."""
+    return min(round(_DROP_LEVELS * float(p)), _DROP_LEVELS - 1)
 
 
 def _int16_draws(shape: Sequence[int], device: torch.device) -> Tensor:
@@ -94,7 +95,7 @@ def _keep_mask(shape: Sequence[int], p: float | Tensor, dtype: torch.dtype, devi
     of probabilities broadcastable to ``shape`` (one per stream). The comparison writes the mask
     straight into ``dtype`` (no bool intermediate)."""
     if isinstance(p, Tensor):
-        threshold = (torch.round(p * _DROP_LEVELS) - 32768).to(torch.int16)
+        threshold = (torch.round(p * _DROP_LEVELS).clamp(max=_DROP_LEVELS - 1) - 32768).to(torch.int16)
     else:
         threshold = _drop_threshold(p) - 32768
     return torch.ge(_int16_draws(shape, device), threshold, out=torch.empty(tuple(shape), dtype=dtype, device=device))
