@@ -96,22 +96,12 @@ def test_bad_inputs_raise_clear_errors(encoder):
     with pytest.raises(ValueError, match=r"\(batch, 3, time\)"):
         encoder(torch.zeros(2, 5))
     x = tokens(2, 5)
-    bad = x.clone()
-    bad[0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        encoder(bad)
-    bad = x.clone()
-    bad[0, 0, 0] = 1.5
-    with pytest.raises(ValueError, match="whole numbers"):
-        encoder(bad)
-    bad = x.clone()
-    bad[1, 0, 0] = VOCAB
-    with pytest.raises(ValueError, match="token ids"):
-        encoder(bad)
-    bad = x.clone()
-    bad[1, 1, 0] = 2
-    with pytest.raises(ValueError, match="attention mask"):
-        encoder(bad)
+    for where, value, message in [((0, 0, 0), float("nan"), "NaN"), ((0, 0, 0), 1.5, "whole numbers"),
+                                  ((1, 0, 0), VOCAB, "token ids"), ((1, 1, 0), 2, "attention mask")]:
+        bad = x.clone()
+        bad[where] = value
+        with pytest.raises(ValueError, match=message):
+            encoder(bad)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         encoder(tokens(1, 65))
     with pytest.raises(ValueError, match="exactly one"):

@@ -134,9 +134,10 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: 
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    if len({_drop_threshold(x) for x in ps}) == 1:
-        if _drop_threshold(ps[0]) == 0:
-            return torch.matmul(weights, v)
+    thresholds = {_drop_threshold(x) for x in ps}
+    if thresholds == {0}:
+        return torch.matmul(weights, v)
+    if len(thresholds) == 1:
         keep = _keep_mask(weights.shape, ps[0], weights.dtype, q.device)
         return torch.matmul(weights * keep, v).mul_(_keep_scale(ps[0]))
     # per-stream probabilities: one threshold and one factor per stream
