@@ -195,7 +195,12 @@ def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -
     """Fréchet distances (``reduce="mean_time"``) between recovered and real features of the
     samples whose modality is missing, in the method's own feature space, pooled over modalities
     (sample-weighted mean). Also the distances of zero filling and of filling with the mean real
-    feature, in the same space. Empty when nothing is missing or the method recovers nothing."""
+    feature, in the same space. Empty when nothing is missing or the method recovers nothing.
+
+    Recovered rows holding a NaN or inf are failures: they are counted in ``recovered_nonfinite``
+    (and leave ``fd_recovered`` to the finite rows), never dropped silently;
+    ``recovered_max_ratio`` is the largest absolute recovered value over the largest absolute real
+    one (a run-away inverse shows as a ratio far above 1)."""
     if mask.all() or not _recovers(method):
         return {}
     complete = test.with_mask(np.ones_like(mask))
@@ -218,16 +223,31 @@ def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -
         finally:
             method.train(was)
     parts: dict[str, list[tuple[int, float]]] = {"fd_recovered": [], "fd_zero_fill": [], "fd_mean_fill": []}
+    failures, total, worst_ratio = 0, 0, 0.0
     for m in rec:
         r, x = np.concatenate(rec[m]), np.concatenate(real[m])
-        if len(x) < 3 or not np.isfinite(r).all():
+        # a recovered row with any non-finite value is a failed recovery: counted, never dropped
+        finite = np.isfinite(r.reshape(len(r), -1)).all(axis=1)
+        failures += int((~finite).sum())
+        total += len(r)
+        scale = float(np.abs(x).max()) if x.size else 0.0
+        if finite.any() and scale > 0:
+            worst_ratio = max(worst_ratio, float(np.abs(r[finite]).max()) / scale)
+        r = r[finite]
+        if len(x) < 3 or len(r) < 3:
             continue
         n = len(x)
         parts["fd_recovered"].append((n, frechet_distance(r, x, reduce="mean_time")))
         parts["fd_zero_fill"].append((n, frechet_distance(np.zeros_like(x), x, reduce="mean_time")))
         mean = np.broadcast_to(x.mean(axis=0, keepdims=True), x.shape).copy()
         parts["fd_mean_fill"].append((n, frechet_distance(mean, x, reduce="mean_time")))
-    return {k: float(sum(n * v for n, v in vals) / sum(n for n, _ in vals)) for k, vals in parts.items() if vals}
+    out = {k: float(sum(n * v for n, v in vals) / sum(n for n, _ in vals)) for k, vals in parts.items() if vals}
+    if total:
+        # failures: recovered rows with a NaN/inf value (excluded from fd_recovered, which then
+        # describes only the finite rows); max_ratio: largest |recovered| over largest |real|
+        out["recovered_nonfinite"] = float(failures)
+        out["recovered_max_ratio"] = worst_ratio
+    return out
 
 
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -301,7 +321,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     if not main_process:
         return rows
     summary = summarise(rows)
-    metric_names = main_metrics(train.task) + ["fd_recovered", "fd_zero_fill", "fd_mean_fill"]
+    metric_names = main_metrics(train.task) + ["fd_recovered", "fd_zero_fill", "fd_mean_fill", "recovered_nonfinite"]
     table = format_table(summary, metrics=[m for m in metric_names if any(m in r for r in rows)])
     header = (f"flowtransfer run: dataset={cfg.dataset} task={train.task} seeds={list(cfg.seeds)} "
               f"(mean ± std over seeds; percentages x100; fd_* are Fréchet distances, lower is closer)\n")

@@ -196,7 +196,8 @@ def test_real_mosi_file(shared_data):
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     data = load_mmsa(path)
-    assert {s: len(d) for s, d in data.items()} == {"train": 1206, "valid": 241, "test": 752}
+    # the re-split file (2026-12-01): validation and test both come from Poria's test videos
+    assert {s: len(d) for s, d in data.items()} == {"train": 1447, "valid": 265, "test": 487}
     for ds in data.values():
         assert ds.modalities == ("L", "A", "V")
         assert ds.input_dims == {"L": 100, "A": 73, "V": 100}
@@ -206,6 +207,7 @@ def test_real_mosi_file(shared_data):
     # no video crosses splits
     videos = {s: {i.split("$_$")[0] for i in d.ids} for s, d in data.items()}
     assert not videos["train"] & videos["test"] and not videos["valid"] & videos["test"]
-    assert sum(data["train"].class_balance().values()) == 1206
+    assert not videos["train"] & videos["valid"]
+    assert sum(data["train"].class_balance().values()) == 1447
     cls = load_mmsa(path, task="classification", splits=["test"])["test"]
     assert cls.num_classes == 3 and set(np.unique(cls.labels)) <= {0, 1, 2}
