@@ -255,7 +255,7 @@ def test_1x1_matrices_follow_a_fused_optimiser_step_between_no_grad_passes():
     from flowtransfer.training import TrainConfig, build_optimizer
 
     torch.manual_seed(22)
-    flow = TemporalFlow(6, num_layers=3, hidden=8, num_classes=2)
+    flow = TemporalFlow(6, num_layers=3, hidden=8, num_classes=2, mixing="conv1x1", actnorm="every")
     x, y = torch.randn(4, 6, 5), torch.randint(2, (4,))
     opt = build_optimizer([{"params": list(flow.parameters())}], TrainConfig(lr=0.1))
     assert opt.defaults["fused"] is True

@@ -9,14 +9,36 @@ from __future__ import annotations
 
 from .actnorm import ActNorm
 from .checks import InvertibilityReport, LogdetReport, check_invertibility, check_logdet
-from .coupling import SCALE_FUNCTIONS, AffineCoupling, PointwiseConv1d, coupling_network
+from .conditioner import ConditionerFactory, TemporalConditioner, temporal_conditioner
+from .coupling import (
+    COUPLINGS,
+    SCALE_FUNCTIONS,
+    AffineCoupling,
+    Coupling,
+    PointwiseConv1d,
+    build_coupling,
+    coupling_network,
+    register_coupling,
+)
 from .linear import ChannelFlip, ChannelPermutation, InvertibleConv1x1
 from .prior import ClassConditionalGaussian
-from .temporal_flow import MIXINGS, FlowStep, TemporalFlow
+from .spline import RationalQuadraticCoupling, rational_quadratic_spline
+from .temporal_flow import ACTNORM_PLACEMENTS, MIXINGS, FlowStep, TemporalFlow, resolve_coupling
 
 __all__ = [
+    "ACTNORM_PLACEMENTS",
+    "COUPLINGS",
     "ActNorm",
     "AffineCoupling",
+    "ConditionerFactory",
+    "Coupling",
+    "RationalQuadraticCoupling",
+    "TemporalConditioner",
+    "build_coupling",
+    "rational_quadratic_spline",
+    "register_coupling",
+    "resolve_coupling",
+    "temporal_conditioner",
     "ChannelFlip",
     "ChannelPermutation",
     "ClassConditionalGaussian",

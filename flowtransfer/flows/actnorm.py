@@ -42,6 +42,8 @@ class ActNorm(ChannelMajorTransform):
         self.shift = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # a host-side copy of ``initialized``, so the forward never reads a tensor to decide
+        self._initialized = False
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
@@ -66,16 +68,26 @@ class ActNorm(ChannelMajorTransform):
             std = (squares / n - mean.square()).clamp_min(0.0).sqrt()
             self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)  # read once, at load time
 
     def _logabsdet(self, x: Tensor) -> Tensor:
         # x is channel-major (C, B, T)
         return (x.shape[2] * self.log_scale.sum()).expand(x.shape[1])
 
     def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
+        if self.training and not self._initialized:
             self.initialize_cm(x)
         y = (x - self.shift[:, None, None]) * torch.exp(self.log_scale)[:, None, None]
         return y, self._logabsdet(x)
+
+    def inverse_bound(self, radius: Tensor) -> Tensor:
+        """``|x_c| <= radius_c e^{-l_c} + |b_c|`` for the inverse ``x = y e^{-l} + b``."""
+        ls, b = self.log_scale.detach().to(radius), self.shift.detach().to(radius)
+        return radius * torch.exp(-ls) + b.abs()
 
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # divide by the same exp(log_scale) the forward multiplies by: one rounding, not two

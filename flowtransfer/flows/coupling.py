@@ -1,57 +1,61 @@
-r"""Affine coupling over channels whose conditioner is a ``Conv1d`` stack over time.
+r"""Coupling layers over channels for ``(B, C, T)`` inputs, and the registry that builds them.
 
-The input ``x`` of shape ``(B, C, T)`` is split along channels into an identity half
-:math:`x_a` (the first ``C // 2`` channels) and a transformed half :math:`x_b` (the other
-``C - C // 2``; odd ``C`` is fine). A network reads :math:`x_a` (and an optional conditioning input)
-and outputs a shift :math:`t` and a scale pre-activation :math:`h` for every channel of
-:math:`x_b` and every time step:
+The input ``x`` is split along channels into an identity half :math:`x_a` (the first ``C // 2``
+channels) and a transformed half :math:`x_b` (the other ``C - C // 2``; odd ``C`` is fine). A
+conditioner network (:mod:`~flowtransfer.flows.conditioner`) reads :math:`x_a` and an optional
+conditioning input and predicts, for every channel of :math:`x_b` and every time step, the
+parameters :math:`\theta` of an elementwise invertible map :math:`g`:
 
-.. math:: (h, t) = \mathrm{NN}([x_a; \text{context}]), \qquad y = [x_a;\ g(x_b; h, t)].
+.. math:: \theta = \mathrm{NN}([x_a; \text{context}]), \qquad y = [x_a;\ g(x_b; \theta)],
+          \qquad \log\lvert\det J\rvert = \sum_{c,t} \log g'(x_{b,c,t}; \theta_{c,t}).
 
-The network is ``Conv1d(kernel_size, 'same' padding) -> act -> Conv1d(1x1) -> act ->
-Conv1d(1x1, zero-initialised)``. With ``kernel_size=1`` the map is pointwise in time, as in the
-released DiCMoR code; ``kernel_size >= 3`` lets the scale and shift at time ``t`` see the identity
-half at neighbouring times (the Jacobian stays block-triangular, so the log-det is unchanged in
-form). Any ``T >= 1`` works: the padding keeps the length.
+:class:`Coupling` does the splitting, the conditioning and the bookkeeping once; a coupling type is
+one small subclass that sets :attr:`Coupling.num_params` and implements the elementwise map in both
+directions (:meth:`Coupling.elementwise` / :meth:`Coupling.elementwise_inverse`), plus
+:meth:`Coupling.inverse_bound_transformed` if it can bound its inverse. This module has the affine
+family (:class:`AffineCoupling`: Real NVP / Glow / NICE); :mod:`~flowtransfer.flows.spline` has the
+rational-quadratic spline. :func:`build_coupling` turns a name (``"affine"``, ``"additive"``,
+``"spline"``, or any name added with :func:`register_coupling`) or a callable into a layer.
 
-The layer computes channel-major (:mod:`~flowtransfer.flows.layout`): the halves are contiguous
-row blocks of ``(C, B, T)`` and each convolution of the network is one matrix product
-(:func:`~flowtransfer.flows.layout.conv1d_channel_major`) with the ``nn.Sequential``'s own
-parameters, so ``net`` stays an ordinary module (its ``state_dict`` and its ``(B, C, T)`` call are
-unchanged).
+Everything computes channel-major (:mod:`~flowtransfer.flows.layout`): the halves are contiguous row
+blocks of ``(C, B, T)``.
 
-References: Dinh et al., *Density estimation using Real NVP*, ICLR 2017; Kingma & Dhariwal,
-*Glow*, NeurIPS 2018; Wang et al., *DiCMoR*, ICCV 2023.
+References: Dinh et al., *NICE*, 2015, and *Real NVP*, ICLR 2017; Kingma & Dhariwal, *Glow*,
+NeurIPS 2018; Wang et al., *DiCMoR*, ICCV 2023.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import ChannelMajorTransform, conv1d_channel_major
+from .conditioner import (
+    ConditionerFactory,
+    PointwiseConv1d,
+    TemporalConditioner,
+    apply_conditioner_cm,
+    temporal_conditioner,
+)
+from .layout import ChannelMajorTransform
 
-__all__ = ["AffineCoupling", "PointwiseConv1d", "SCALE_FUNCTIONS", "coupling_network"]
+__all__ = [
+    "AffineCoupling",
+    "COUPLINGS",
+    "Coupling",
+    "CouplingBuilder",
+    "PointwiseConv1d",
+    "SCALE_FUNCTIONS",
+    "build_coupling",
+    "coupling_network",
+    "register_coupling",
+]
 
 #: the scale functions :class:`AffineCoupling` accepts
 SCALE_FUNCTIONS = ("sigmoid", "softclamp", "additive")
-
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-class PointwiseConv1d(nn.Conv1d):
-    """A ``Conv1d`` with kernel size 1, computed as one batched matmul (faster on CPU than the
-    convolution kernel for these small widths). Same parameters and ``state_dict`` as ``Conv1d``."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
-        super().__init__(in_channels, out_channels, 1, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = torch.matmul(self.weight.squeeze(-1), x)
-        return y if self.bias is None else y + self.bias.unsqueeze(-1)
 
 
 def coupling_network(
@@ -60,68 +64,135 @@ def coupling_network(
     hidden: int = 64,
     kernel_size: int = 3,
     activation: str = "relu",
-) -> nn.Sequential:
-    """``Conv1d(k, same) -> act -> Conv1d(1) -> act -> Conv1d(1, zero init)``; keeps ``T``."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
-    if kernel_size < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
-    act = _ACTIVATIONS[activation]
-    last = PointwiseConv1d(hidden, out_channels)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    # "same" padding: (k - 1) // 2 zeros before and k // 2 after, so T is kept for any T >= 1
-    # (explicit, so even kernels need no padded copy inside the convolution)
-    pad = ((kernel_size - 1) // 2, kernel_size // 2)
-    first: list[nn.Module] = [nn.ConstantPad1d(pad, 0.0)] if pad[0] != pad[1] else []
-    if kernel_size == 1:
-        first.append(PointwiseConv1d(in_channels, hidden))
-    else:
-        first.append(nn.Conv1d(in_channels, hidden, kernel_size, padding=pad[0] if pad[0] == pad[1] else 0))
-    return nn.Sequential(
-        *first,
-        act(),
-        PointwiseConv1d(hidden, hidden),
-        act(),
-        last,
-    )
+) -> TemporalConditioner:
+    """The default conditioner, :class:`~flowtransfer.flows.conditioner.TemporalConditioner`."""
+    return TemporalConditioner(in_channels, out_channels, hidden, kernel_size, activation)
 
 
-class AffineCoupling(ChannelMajorTransform):
-    r"""Affine coupling layer for ``(B, C, T)`` inputs (an nflows ``Transform``).
+class Coupling(ChannelMajorTransform):
+    r"""Base class of coupling layers: split, condition, apply an elementwise map to one half.
+
+    Subclasses set :attr:`num_params` (parameters per transformed element; may be set in
+    ``__init__`` before calling :meth:`build_conditioner`) and implement
+
+    - :meth:`elementwise` ``(xb, theta) -> (yb, logdet)`` and
+    - :meth:`elementwise_inverse` ``(yb, theta) -> (xb, logdet)``,
+
+    where ``xb`` is ``(C_b, B, T)``, ``theta`` is ``(num_params, C_b, B, T)`` (the conditioner's
+    output viewed parameter-major) and ``logdet`` is the per-sample ``(B,)`` log-det of the map.
+
+    Arguments:
+        channels: number of channels :math:`C \ge 2`.
+        conditioner: a :data:`~flowtransfer.flows.conditioner.ConditionerFactory`; ``None`` gives
+            :class:`~flowtransfer.flows.conditioner.TemporalConditioner` with ``hidden=64,
+            kernel_size=3``.
+        cond_channels: channels of the optional conditioning input ``context``, given as
+            ``(B, cond_channels, T)`` or ``(B, cond_channels)`` (broadcast over time) and
+            concatenated to the conditioner's input. 0 means unconditional.
+
+    Shapes: ``(B, C, T) -> (B, C, T)``, log-det ``(B,)``.
+    """
+
+    reads_context = True
+    num_params: int = 1
+
+    def __init__(self, channels: int, conditioner: ConditionerFactory | None = None, cond_channels: int = 0):
+        super().__init__()
+        if int(channels) != channels or channels < 2:
+            raise ValueError(f"a coupling needs channels >= 2 (it splits them in halves), got {channels}")
+        if int(cond_channels) != cond_channels or cond_channels < 0:
+            raise ValueError(f"cond_channels must be an integer >= 0, got {cond_channels}")
+        self.channels = int(channels)
+        self.split = self.channels // 2  # identity half: [0, split); transformed: [split, C)
+        self.transformed = self.channels - self.split
+        self.cond_channels = int(cond_channels)
+        self._conditioner_factory = conditioner if conditioner is not None else temporal_conditioner()
+
+    def build_conditioner(self) -> None:
+        """Build ``self.net`` for ``num_params`` parameters per transformed channel."""
+        n_in, n_out = self.split + self.cond_channels, self.num_params * self.transformed
+        net = self._conditioner_factory(n_in, n_out)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"the conditioner factory must return an nn.Module, got {type(net).__name__}")
+        self.net = net
+        self.kernel_size = getattr(net, "kernel_size", None)
+
+    # ------------------------------------------------------------------ to implement
+    def elementwise(self, xb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse_bound_transformed(self, radius: Tensor) -> Tensor:
+        """Per-channel bound on ``|x_b|`` from the inverse given ``|y_b| <= radius`` (``(C_b,)``);
+        ``inf`` where the map cannot bound it (the default)."""
+        return torch.full_like(radius, math.inf)
+
+    # ------------------------------------------------------------------ shared machinery
+    def _theta(self, xa: Tensor, context: Tensor | None) -> Tensor:
+        """Conditioner output for identity half ``xa`` ``(C_a, B, T)``, as ``(P, C_b, B, T)``."""
+        inp = xa if context is None else torch.cat([xa, context.to(xa.dtype)], dim=0)
+        out = apply_conditioner_cm(self.net, inp)
+        expected = (self.num_params * self.transformed, xa.shape[1], xa.shape[2])
+        if tuple(out.shape) != expected:
+            raise ValueError(
+                f"{type(self).__name__}: the conditioner returned shape (batch, channels, time) = "
+                f"{(out.shape[1], out.shape[0], out.shape[2])}, expected "
+                f"{(expected[1], expected[0], expected[2])} (it must keep the length)"
+            )
+        return out.reshape(self.num_params, self.transformed, xa.shape[1], xa.shape[2])
+
+    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        xa, xb = x[: self.split], x[self.split :]
+        yb, logdet = self.elementwise(xb, self._theta(xa, context))
+        return torch.cat([xa, yb], dim=0), logdet
+
+    def inverse_cm(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ya, yb = y[: self.split], y[self.split :]
+        xb, logdet = self.elementwise_inverse(yb, self._theta(ya, context))
+        return torch.cat([ya, xb], dim=0), logdet
+
+    def inverse_bound(self, radius: Tensor) -> Tensor:
+        """Per-channel bound on the inverse's output given ``|y_c| <= radius_c``: the identity half
+        keeps its radius, the transformed half gets :meth:`inverse_bound_transformed`."""
+        return torch.cat([radius[: self.split], self.inverse_bound_transformed(radius[self.split :])])
+
+
+class AffineCoupling(Coupling):
+    r"""Affine coupling (an nflows ``Transform``): :math:`y_b = s \odot x_b + t` in three flavours.
 
     Scale functions (``scale=``), for the transformed half :math:`x_b`:
 
     ``"sigmoid"`` (Glow; what DiCMoR's released code uses)
         :math:`y_b = (x_b + t)\,\sigma(h + 2)`, log-det :math:`\sum \log\sigma(h+2)`;
-        inverse :math:`x_b = y_b / \sigma(h+2) - t`.
-        The scale lies in :math:`(0, 1)`: the forward (data to noise) map can only contract, which
-        keeps it and its log-det bounded above whatever the network outputs (stable training).
-        The inverse divides by the scale, so it can expand without bound where the network drives
-        :math:`\sigma(h+2)` towards 0 (up to :math:`1/\sigma(h+2)`, e.g. x100 at :math:`h=-6.6`):
-        sampling and latent-to-data transfer are the sensitive direction. At initialisation
-        (zero last layer) the layer scales :math:`x_b` by :math:`\sigma(2) \approx 0.88`.
+        inverse :math:`x_b = y_b / \sigma(h+2) - t`. The scale lies in :math:`(0, 1)`, so the
+        forward map only contracts; the inverse divides by the scale, which the network can drive
+        towards 0: the inverse is **unbounded** (no bound even with a bounded shift).
     ``"softclamp"``
         :math:`y_b = x_b\, e^{c \tanh(h / c)} + t`, log-det :math:`\sum c\tanh(h/c)`;
-        inverse :math:`x_b = (y_b - t)\, e^{-c\tanh(h/c)}`.
-        An exp-scale whose log is softly clamped to :math:`(-c, c)`: each layer scales by a factor
-        in :math:`(e^{-c}, e^{c})` in *both* directions, so neither the forward nor the inverse can
-        blow up, and the layer is exactly the identity at initialisation. ``clamp`` sets :math:`c`.
+        inverse :math:`x_b = (y_b - t)\, e^{-c\tanh(h/c)}`. Each layer scales by a factor in
+        :math:`(e^{-c}, e^{c})`, identity at initialisation. The *scale* is bounded, but the inverse
+        is not: with an unbounded shift the conditioner (a ReLU network, linear far from its
+        training range) feeds back through the stack, each inverse layer can multiply by up to
+        :math:`e^{c}` and add a shift that grows with its input (seen: 1e20 after 32 layers).
+        With ``shift_bound`` :math:`\tau` the shift is :math:`\tau\tanh(t/\tau)` and the inverse of
+        one layer obeys :math:`|x_b| \le (|y_b| + \tau)\, e^{c}`: bounded, but the bound compounds
+        as :math:`e^{cL}` over :math:`L` layers.
     ``"additive"`` (NICE)
-        :math:`y_b = x_b + t`, log-det 0, inverse :math:`x_b = y_b - t`. Volume preserving: the
-        most stable and exactly invertible up to rounding, but the layer cannot change scale (leave
-        that to ActNorm / the prior). The network then outputs only :math:`t`.
+        :math:`y_b = x_b + t`, log-det 0. With ``shift_bound`` :math:`\tau`, :math:`|x_b| \le
+        |y_b| + \tau` per layer (a bound growing linearly with depth).
 
     Arguments:
         channels: number of channels :math:`C \ge 2`.
-        hidden: hidden width of the network.
-        kernel_size: temporal kernel of the first convolution (1 = pointwise, as released DiCMoR).
+        hidden, kernel_size, activation: sizes of the default conditioner
+            (:class:`~flowtransfer.flows.conditioner.TemporalConditioner`); ignored (and must be left
+            at their defaults) when ``conditioner`` is given.
         scale: ``"sigmoid"``, ``"softclamp"`` or ``"additive"``.
-        cond_channels: channels of the optional conditioning input ``context``, given as
-            ``(B, cond_channels, T)`` or ``(B, cond_channels)`` (broadcast over time) and
-            concatenated to the network input. 0 means unconditional.
+        cond_channels: see :class:`Coupling`.
         clamp: the bound :math:`c` of ``"softclamp"``.
-        activation: ``"relu"`` (DiCMoR), ``"gelu"``, ``"elu"``, ``"silu"`` or ``"tanh"``.
+        shift_bound: ``None`` (unbounded shift, as in the papers) or :math:`\tau > 0`.
+        conditioner: a conditioner factory (see :mod:`~flowtransfer.flows.conditioner`).
 
     Shapes: ``(B, C, T) -> (B, C, T)``, log-det ``(B,)``.
     """
@@ -135,94 +206,127 @@ class AffineCoupling(ChannelMajorTransform):
         cond_channels: int = 0,
         clamp: float = 2.0,
         activation: str = "relu",
+        *,
+        shift_bound: float | None = None,
+        conditioner: ConditionerFactory | None = None,
     ):
-        super().__init__()
-        if channels < 2:
-            raise ValueError(f"a coupling needs channels >= 2 (it splits them in halves), got {channels}")
         if scale not in SCALE_FUNCTIONS:
             raise ValueError(f"unknown scale {scale!r}; choose one of {SCALE_FUNCTIONS}")
-        if cond_channels < 0:
-            raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
         if scale == "softclamp" and not clamp > 0:
             raise ValueError(f"clamp must be > 0, got {clamp}")
-        self.channels = int(channels)
-        self.split = self.channels // 2  # identity half: [0, split); transformed: [split, C)
-        self.transformed = self.channels - self.split
+        if shift_bound is not None and not (math.isfinite(shift_bound) and shift_bound > 0):
+            raise ValueError(f"shift_bound must be a finite number > 0 or None, got {shift_bound}")
+        if conditioner is None:
+            conditioner = temporal_conditioner(hidden, kernel_size, activation)
+        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
+            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
+                             "leave them at their defaults when a conditioner factory is given")
+        super().__init__(channels, conditioner, cond_channels)
         self.scale = scale
         self.clamp = float(clamp)
-        self.cond_channels = int(cond_channels)
-        self.kernel_size = int(kernel_size)
-        mult = 1 if scale == "additive" else 2
-        self.net = coupling_network(
-            self.split + self.cond_channels, mult * self.transformed, hidden, kernel_size, activation
-        )
-        # _network_cm computes every Conv1d as stride 1, dilation 1, one group, integer padding
-        assert all(
-            c.stride == (1,) and c.dilation == (1,) and c.groups == 1 and not isinstance(c.padding, str)
-            for c in self.net if isinstance(c, nn.Conv1d)
-        )
+        self.shift_bound = None if shift_bound is None else float(shift_bound)
+        self.num_params = 1 if scale == "additive" else 2
+        self.build_conditioner()
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, scale={self.scale!r}, kernel_size={self.kernel_size}, "
-            f"cond_channels={self.cond_channels}"
+            f"cond_channels={self.cond_channels}, shift_bound={self.shift_bound}"
         )
 
-    reads_context = True
+    def _split_theta(self, theta: Tensor) -> tuple[Tensor | None, Tensor]:
+        h, t = (None, theta[0]) if self.scale == "additive" else (theta[0], theta[1])
+        if self.shift_bound is not None:
+            t = self.shift_bound * torch.tanh(t / self.shift_bound)
+        return h, t
 
-    # ------------------------------------------------------------------ helpers
-    def _network_cm(self, x: Tensor) -> Tensor:
-        """``self.net`` applied to a channel-major input ``(C_in, B, T) -> (C_out, B, T)``."""
-        pad = (0, 0)
-        for layer in self.net:
-            if isinstance(layer, nn.ConstantPad1d):
-                pad = tuple(layer.padding)
-            elif isinstance(layer, nn.Conv1d):
-                p = layer.padding[0] if isinstance(layer.padding, tuple) else 0
-                x = conv1d_channel_major(x, layer.weight, layer.bias, (pad[0] + p, pad[1] + p))
-                pad = (0, 0)
-            else:  # activations act elementwise, whatever the layout
-                x = layer(x)
-        return x
-
-    def _params_cm(self, xa: Tensor, context: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        """Scale pre-activation ``h`` and shift ``t``, each ``(C - C//2, B, T)`` (``h`` is ``None``
-        for the additive scale); ``context`` is channel-major ``(cond, B, T)`` or ``None``."""
-        inp = xa if context is None else torch.cat([xa, context.to(xa.dtype)], dim=0)
-        out = self._network_cm(inp)
-        if self.scale == "additive":
-            return None, out
-        return out[: self.transformed], out[self.transformed :]
-
-    # ------------------------------------------------------------------ transform (channel-major)
-    def forward_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        xa, xb = x[: self.split], x[self.split :]
-        h, t = self._params_cm(xa, context)
+    def elementwise(self, xb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        h, t = self._split_theta(theta)
         if self.scale == "sigmoid":
             z = h + 2.0
-            yb = (xb + t) * torch.sigmoid(z)
-            logdet = F.logsigmoid(z).sum((0, 2))
-        elif self.scale == "softclamp":
+            return (xb + t) * torch.sigmoid(z), F.logsigmoid(z).sum((0, 2))
+        if self.scale == "softclamp":
             log_s = self.clamp * torch.tanh(h / self.clamp)
-            yb = torch.addcmul(t, xb, torch.exp(log_s))
-            logdet = log_s.sum((0, 2))
-        else:
-            yb = xb + t
-            logdet = x.new_zeros(x.shape[1])
-        return torch.cat([xa, yb], dim=0), logdet
+            return torch.addcmul(t, xb, torch.exp(log_s)), log_s.sum((0, 2))
+        return xb + t, xb.new_zeros(xb.shape[1])
 
-    def inverse_cm(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        ya, yb = y[: self.split], y[self.split :]
-        h, t = self._params_cm(ya, context)
+    def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        h, t = self._split_theta(theta)
         if self.scale == "sigmoid":
             z = h + 2.0
-            xb = yb / torch.sigmoid(z) - t
-            logdet = -F.logsigmoid(z).sum((0, 2))
-        elif self.scale == "softclamp":
+            return yb / torch.sigmoid(z) - t, -F.logsigmoid(z).sum((0, 2))
+        if self.scale == "softclamp":
             log_s = self.clamp * torch.tanh(h / self.clamp)
-            xb = (yb - t) / torch.exp(log_s)  # the forward's exact factor: one rounding
-            logdet = -log_s.sum((0, 2))
-        else:
-            xb = yb - t
-            logdet = y.new_zeros(y.shape[1])
-        return torch.cat([ya, xb], dim=0), logdet
+            # divide by the forward's exact factor: one rounding
+            return (yb - t) / torch.exp(log_s), -log_s.sum((0, 2))
+        return yb - t, yb.new_zeros(yb.shape[1])
+
+    def inverse_bound_transformed(self, radius: Tensor) -> Tensor:
+        if self.shift_bound is None or self.scale == "sigmoid":
+            return torch.full_like(radius, math.inf)
+        grow = math.exp(self.clamp) if self.scale == "softclamp" else 1.0
+        return (radius + self.shift_bound) * grow
+
+
+# ---------------------------------------------------------------------- registry
+#: ``builder(channels, *, conditioner, cond_channels, **options) -> Coupling``
+CouplingBuilder = Callable[..., ChannelMajorTransform]
+
+COUPLINGS: dict[str, CouplingBuilder] = {}
+
+
+def register_coupling(name: str, builder: CouplingBuilder) -> CouplingBuilder:
+    """Make ``name`` usable as ``coupling=name`` in :class:`~flowtransfer.flows.FlowStep` and
+    :class:`~flowtransfer.flows.TemporalFlow`; returns ``builder``. A builder is called as
+    ``builder(channels, conditioner=factory, cond_channels=k, **options)`` (a :class:`Coupling`
+    subclass is one)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a coupling name must be a non-empty string, got {name!r}")
+    COUPLINGS[name] = builder
+    return builder
+
+
+def _additive(channels: int, *, conditioner: ConditionerFactory | None = None, cond_channels: int = 0,
+              shift_bound: float | None = None) -> AffineCoupling:
+    return AffineCoupling(channels, scale="additive", cond_channels=cond_channels,
+                          shift_bound=shift_bound, conditioner=conditioner)
+
+
+def _affine(channels: int, *, conditioner: ConditionerFactory | None = None, cond_channels: int = 0,
+            scale: str = "softclamp", clamp: float = 2.0, shift_bound: float | None = None) -> AffineCoupling:
+    return AffineCoupling(channels, scale=scale, cond_channels=cond_channels, clamp=clamp,
+                          shift_bound=shift_bound, conditioner=conditioner)
+
+
+register_coupling("affine", _affine)
+register_coupling("additive", _additive)
+
+
+def build_coupling(
+    coupling: str | CouplingBuilder,
+    channels: int,
+    *,
+    conditioner: ConditionerFactory | None,
+    cond_channels: int = 0,
+    **options: Any,
+) -> ChannelMajorTransform:
+    """Build a coupling layer from a registered name or a builder callable (see
+    :func:`register_coupling`); ``options`` go to the builder (e.g. ``scale`` for ``"affine"``,
+    ``num_bins`` for ``"spline"``)."""
+    if isinstance(coupling, str):
+        if coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {coupling!r}; choose one of {sorted(COUPLINGS)} or pass a callable")
+        builder = COUPLINGS[coupling]
+    elif callable(coupling):
+        builder = coupling
+    else:
+        raise TypeError(f"coupling must be a name or a callable, got {type(coupling).__name__}")
+    try:
+        layer = builder(channels, conditioner=conditioner, cond_channels=cond_channels, **options)
+    except TypeError as err:
+        raise TypeError(f"coupling {coupling!r} does not take the options {sorted(options)}: {err}") from err
+    if not isinstance(layer, ChannelMajorTransform):
+        raise TypeError(
+            f"coupling builder {coupling!r} returned {type(layer).__name__}, not a ChannelMajorTransform"
+        )
+    return layer

@@ -111,6 +111,12 @@ class ChannelMajorTransform(Transform):
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def inverse_bound(self, radius: Tensor) -> Tensor:
+        """Per-channel bound ``(C,)`` on ``|inverse(y)|`` given ``|y_c| <= radius_c``, for any input of
+        that size (a certificate from the parameters, used by
+        :meth:`~flowtransfer.flows.TemporalFlow.inverse_bound`). The default is ``inf``: no bound known."""
+        return torch.full_like(radius, float("inf"))
+
     def _public(self, inputs: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         name = type(self).__name__ + (".inverse" if inverse else "")
         check_input(inputs, self.channels, name)

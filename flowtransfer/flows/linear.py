@@ -48,13 +48,14 @@ class InvertibleConv1x1(ChannelMajorTransform):
         q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))
         p, lower, upper = torch.linalg.lu(q)
         diag = torch.diagonal(upper)
-        self.register_buffer("permutation", p.float())
-        self.register_buffer("sign", torch.sign(diag).float())
+        dt = torch.get_default_dtype()  # formed in float64, stored in the default dtype
+        self.register_buffer("permutation", p.to(dt))
+        self.register_buffer("sign", torch.sign(diag).to(dt))
         self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
         self.register_buffer("eye", torch.eye(channels))
-        self.lower = nn.Parameter(torch.tril(lower, -1).float())
-        self.upper = nn.Parameter(torch.triu(upper, 1).float())
-        self.log_diag = nn.Parameter(torch.log(torch.abs(diag)).float())
+        self.lower = nn.Parameter(torch.tril(lower, -1).to(dt))
+        self.upper = nn.Parameter(torch.triu(upper, 1).to(dt))
+        self.log_diag = nn.Parameter(torch.log(torch.abs(diag)).to(dt))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
@@ -104,6 +105,13 @@ class InvertibleConv1x1(ChannelMajorTransform):
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return _channel_matmul(self.weight_inverse(), x), -self._logabsdet(x)
 
+    def inverse_bound(self, radius: Tensor) -> Tensor:
+        """``|x| <= |W^{-1}| radius`` (entrywise absolute values): finite, but it compounds over a
+        stack of 1x1 convolutions, which is why the bounded default flow permutes instead."""
+        with torch.no_grad():
+            w_inv = torch.linalg.inv(self.weight().detach().double())
+        return w_inv.abs().to(radius) @ radius
+
 
 class ChannelPermutation(ChannelMajorTransform):
     """A fixed random permutation of channels (log-det 0).
@@ -133,6 +141,9 @@ class ChannelPermutation(ChannelMajorTransform):
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.index_select(0, self.inverse_perm), x.new_zeros(x.shape[1])
 
+    def inverse_bound(self, radius: Tensor) -> Tensor:
+        return radius.index_select(0, self.inverse_perm.to(radius.device))
+
 
 class ChannelFlip(ChannelMajorTransform):
     """Reverse the channel order (log-det 0); its own inverse. Swaps the coupling halves."""
@@ -149,3 +160,6 @@ class ChannelFlip(ChannelMajorTransform):
 
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.flip(0), x.new_zeros(x.shape[1])
+
+    def inverse_bound(self, radius: Tensor) -> Tensor:
+        return radius.flip(0)

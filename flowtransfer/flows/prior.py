@@ -102,7 +102,10 @@ class ClassConditionalGaussian(Distribution):
             )
         if y.shape != (n,):
             raise ValueError(f"labels y must have shape ({n},), got {tuple(y.shape)}")
-        if n > 0:
+        # the value check reads the labels on the host: done on the CPU in eager mode only, so a
+        # compiled flow has no graph break and a GPU never waits (an out-of-range label then fails
+        # in the index below)
+        if n > 0 and y.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= self.num_classes:
                 raise ValueError(
@@ -163,18 +166,35 @@ class ClassConditionalGaussian(Distribution):
         length: int = 1,
         *,
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> Tensor:
-        """Draw ``(num_samples, C, length)`` latents; ``y`` is ``(num_samples,)`` or one int."""
+        """Draw ``(num_samples, C, length)`` latents; ``y`` is ``(num_samples,)`` or one int.
+        ``temperature`` multiplies the standard deviations (1: the prior itself)."""
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         if int(length) != length or length < 1:
             raise ValueError(f"length must be a positive integer, got {length}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         mean, log_std = self.params(y, int(num_samples))
         eps = torch.randn(
             int(num_samples), self.channels, int(length),
             dtype=self.loc.dtype, device=self.loc.device, generator=generator,
         )
-        return mean.unsqueeze(-1) + torch.exp(log_std).unsqueeze(-1) * eps
+        return mean.unsqueeze(-1) + (float(temperature) * torch.exp(log_std)).unsqueeze(-1) * eps
+
+    def box_radius(self, k: float = 6.0, y: Tensor | int | None = None) -> Tensor:
+        r"""Per-channel radius ``(C,)`` of the prior's ``k``-sigma box around the origin:
+        :math:`\max_y |\mu_{y,c}| + k\sigma_{y,c}` over the classes ``y`` (default: all classes).
+        Every latent within ``k`` standard deviations of a class mean lies inside it."""
+        if not (math.isfinite(k) and k >= 0):
+            raise ValueError(f"k must be a finite number >= 0, got {k}")
+        with torch.no_grad():
+            loc, log_std = self.loc, self.log_std
+            if y is not None:
+                idx = torch.as_tensor(y, device=loc.device).reshape(-1).unique()
+                loc, log_std = self.params(idx, len(idx))
+            return (loc.abs() + k * torch.exp(log_std)).amax(0).double()
 
     def _sample(self, num_samples: int, context: Tensor | None) -> Tensor:
         return self.sample(num_samples, context)

@@ -14,34 +14,84 @@ and cross-modal transfer (DiCMoR, Wang et al., ICCV 2023) is
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from nflows.flows.base import Flow
 from nflows.transforms.base import CompositeTransform, Transform
 from torch import Tensor
 
+from . import spline as _spline  # noqa: F401  (registers the "spline" coupling)
 from .actnorm import ActNorm
-from .coupling import AffineCoupling
+from .conditioner import ConditionerFactory, temporal_conditioner
+from .coupling import CouplingBuilder, build_coupling
 from .layout import ChannelMajorTransform, from_channel_major, to_channel_major
 from .linear import ChannelFlip, ChannelPermutation, InvertibleConv1x1
 from .prior import ClassConditionalGaussian
 
-__all__ = ["FlowStep", "TemporalFlow", "MIXINGS"]
+__all__ = ["ACTNORM_PLACEMENTS", "FlowStep", "TemporalFlow", "MIXINGS", "resolve_coupling"]
 
 #: channel-mixing choices of a :class:`FlowStep`
 MIXINGS = ("conv1x1", "flip", "permutation", None)
 
+#: where a :class:`TemporalFlow` puts ActNorm: every step, only the data end, or nowhere
+ACTNORM_PLACEMENTS = ("every", "input", None)
+
+_AFFINE_OPTIONS = ("scale", "clamp")
+_SPLINE_OPTIONS = ("num_bins", "tail_bound")
+
+
+def resolve_coupling(
+    coupling: str | CouplingBuilder | None,
+    *,
+    scale: str | None = None,
+    clamp: float | None = None,
+    shift_bound: float | None = None,
+    num_bins: int | None = None,
+    tail_bound: float | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[str | CouplingBuilder, dict[str, Any]]:
+    """The coupling to build and its options, from the arguments of :class:`FlowStep`.
+
+    ``coupling=None`` means ``"spline"``, unless an affine option (``scale``, ``clamp``) is given,
+    which selects ``"affine"`` (so ``TemporalFlow(C, scale="sigmoid")`` keeps meaning what it
+    always meant). An option that the chosen coupling does not read is an error, never ignored.
+    """
+    given = {k: v for k, v in dict(scale=scale, clamp=clamp, shift_bound=shift_bound,
+                                  num_bins=num_bins, tail_bound=tail_bound).items() if v is not None}
+    if coupling is None:
+        coupling = "affine" if any(k in given for k in _AFFINE_OPTIONS) else "spline"
+    allowed = {"affine": (*_AFFINE_OPTIONS, "shift_bound"), "additive": ("shift_bound",),
+               "spline": _SPLINE_OPTIONS}
+    if isinstance(coupling, str) and coupling in allowed:
+        wrong = sorted(set(given) - set(allowed[coupling]))
+        if wrong:
+            raise ValueError(
+                f"{wrong} do not apply to the {coupling!r} coupling (it takes {list(allowed[coupling])}); "
+                "pass coupling='affine' for scale/clamp, coupling='spline' for num_bins/tail_bound"
+            )
+    return coupling, {**given, **dict(options or {})}
+
 
 class FlowStep(ChannelMajorTransform):
-    """One step: ``ActNorm -> channel mixing -> AffineCoupling``, each part switchable.
+    """One step: ``ActNorm -> channel mixing -> coupling``, each part switchable.
 
     Arguments:
         channels: number of channels.
-        hidden, kernel_size, scale, cond_channels, clamp, activation: see
-            :class:`~flowtransfer.flows.coupling.AffineCoupling`.
+        hidden, kernel_size, activation: sizes of the default conditioner
+            (:class:`~flowtransfer.flows.conditioner.TemporalConditioner`).
+        coupling: ``"spline"`` (:class:`~flowtransfer.flows.spline.RationalQuadraticCoupling`),
+            ``"affine"`` / ``"additive"`` (:class:`~flowtransfer.flows.coupling.AffineCoupling`), a
+            name added with :func:`~flowtransfer.flows.coupling.register_coupling`, or a builder
+            callable; ``None``: see :func:`resolve_coupling`.
+        conditioner: a :data:`~flowtransfer.flows.conditioner.ConditionerFactory` replacing the
+            default conditioner (then leave ``hidden``, ``kernel_size``, ``activation`` alone).
         actnorm: include an :class:`~flowtransfer.flows.actnorm.ActNorm`.
         mixing: ``"conv1x1"`` (LU 1x1 convolution), ``"flip"``, ``"permutation"`` or ``None``.
+        scale, clamp, shift_bound: options of the affine coupling.
+        num_bins, tail_bound: options of the spline coupling.
+        coupling_options: further keyword options for the coupling builder.
+        cond_channels: channels of the couplings' conditioning input.
         seed: seeds the permutation / the 1x1 convolution's initial matrix (``None``: global RNG).
 
     Shapes: ``(B, C, T) -> (B, C, T)``, log-det ``(B,)``.
@@ -53,17 +103,30 @@ class FlowStep(ChannelMajorTransform):
         hidden: int = 64,
         kernel_size: int = 3,
         *,
+        coupling: str | CouplingBuilder | None = None,
+        conditioner: ConditionerFactory | None = None,
         actnorm: bool = True,
-        mixing: Literal["conv1x1", "flip", "permutation"] | None = "conv1x1",
-        scale: Literal["sigmoid", "softclamp", "additive"] = "softclamp",
+        mixing: Literal["conv1x1", "flip", "permutation"] | None = "permutation",
+        scale: Literal["sigmoid", "softclamp", "additive"] | None = None,
         cond_channels: int = 0,
-        clamp: float = 2.0,
+        clamp: float | None = None,
+        shift_bound: float | None = None,
+        num_bins: int | None = None,
+        tail_bound: float | None = None,
+        coupling_options: Mapping[str, Any] | None = None,
         activation: str = "relu",
         seed: int | None = None,
     ):
         super().__init__()
         if mixing not in MIXINGS:
             raise ValueError(f"unknown mixing {mixing!r}; choose one of {MIXINGS}")
+        if conditioner is None:
+            conditioner = temporal_conditioner(hidden, kernel_size, activation)
+        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
+            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
+                             "leave them at their defaults when a conditioner factory is given")
+        kind, options = resolve_coupling(coupling, scale=scale, clamp=clamp, shift_bound=shift_bound,
+                                         num_bins=num_bins, tail_bound=tail_bound, options=coupling_options)
         layers: list[Transform] = []
         if actnorm:
             layers.append(ActNorm(channels))
@@ -74,18 +137,13 @@ class FlowStep(ChannelMajorTransform):
             layers.append(ChannelFlip(channels))
         elif mixing == "permutation":
             layers.append(ChannelPermutation(channels, seed=seed))
-        layers.append(
-            AffineCoupling(
-                channels, hidden, kernel_size, scale=scale, cond_channels=cond_channels,
-                clamp=clamp, activation=activation,
-            )
-        )
+        layers.append(build_coupling(kind, channels, conditioner=conditioner, cond_channels=cond_channels, **options))
         self.layers = torch.nn.ModuleList(layers)
         self.channels = int(channels)
         self.cond_channels = int(cond_channels)
 
     @property
-    def coupling(self) -> AffineCoupling:
+    def coupling(self) -> ChannelMajorTransform:
         return self.layers[-1]
 
     def context_cm(self, context: Tensor | None, batch: int, length: int) -> Tensor | None:
@@ -105,13 +163,33 @@ class FlowStep(ChannelMajorTransform):
             total = ld if total is None else total + ld
         return x, total
 
+    def inverse_bound(self, radius: Tensor) -> Tensor:
+        for layer in reversed(self.layers):
+            radius = layer.inverse_bound(radius)
+        return radius
+
 
 class TemporalFlow(Flow):
     r"""A class-conditional normalizing flow over ``(batch, channels, time)`` sequences.
 
-    ``num_layers`` :class:`FlowStep` s (ActNorm -> mixing -> affine coupling with a ``Conv1d``
-    conditioner over time) followed by a class-conditional diagonal Gaussian prior shared over
-    time. Works for any sequence length ``T >= 1``.
+    ``num_layers`` :class:`FlowStep` s (mixing -> coupling with a ``Conv1d`` conditioner over time,
+    ActNorm as placed by ``actnorm``) followed by a class-conditional diagonal Gaussian prior shared
+    over time. Works for any sequence length ``T >= 1``.
+
+    **The default is bounded by construction**: one ActNorm at the data end, then steps of a random
+    channel permutation and a rational-quadratic spline coupling with identity tails outside
+    :math:`[-B, B]` (:class:`~flowtransfer.flows.spline.RationalQuadraticCoupling`). Each spline's
+    inverse obeys :math:`|x| \le \max(|y|, B)` elementwise and a permutation moves no value, so for
+    every latent with :math:`\lVert z
+Vert_\infty \le R` the output of :meth:`inverse` obeys
+
+    .. math:: |x_c| \le \max(R, B)\, e^{-\ell_c} + |b_c|
+
+    with the data-end ActNorm's log-scale :math:`\ell` and shift :math:`b`, whatever the conditioners
+    output and however deep the flow is. :meth:`inverse_bound` computes this certificate for any
+    design (it is ``inf`` where a layer cannot bound its inverse: an affine coupling with an
+    unbounded shift, or Glow's sigmoid scale); for the prior's :math:`k`-sigma box,
+    :math:`R = \max_{y,c} |\mu_{y,c}| + k\sigma_{y,c}`.
 
     Arguments:
         channels: number of channels :math:`C` (>= 2).
@@ -119,21 +197,26 @@ class TemporalFlow(Flow):
         hidden: hidden width of the coupling networks.
         kernel_size: temporal kernel of the first conv of each coupling network (1 = pointwise).
         num_classes: classes of the prior; ``None`` gives an unconditional learnable Gaussian.
-        actnorm: ActNorm at the start of every step.
-        mixing: ``"conv1x1"`` (default), ``"flip"``, ``"permutation"`` or ``None`` (no mixing: the
+        coupling: ``"spline"`` (default), ``"affine"``, ``"additive"``, a registered name or a
+            builder (see :class:`FlowStep`, :func:`resolve_coupling`).
+        conditioner: a conditioner factory replacing the default
+            (:mod:`~flowtransfer.flows.conditioner` states the contract).
+        actnorm: ``"input"`` (default: one ActNorm at the data end), ``"every"`` (or ``True``:
+            every step, Glow), or ``None`` / ``False``.
+        mixing: ``"permutation"`` (default), ``"conv1x1"``, ``"flip"`` or ``None`` (no mixing: the
             first ``C // 2`` channels then pass through every layer unchanged).
-        scale: coupling scale function. The default ``"softclamp"`` bounds every layer's scale
-            in :math:`(e^{-c}, e^{c})` in both directions and starts as the identity; ``"sigmoid"``
-            (DiCMoR/Glow) bounds only the forward direction, so :meth:`inverse` (used by
-            :meth:`from_latent`, i.e. by transfer) can expand without bound. See
-            :class:`~flowtransfer.flows.coupling.AffineCoupling`.
+        scale, clamp, shift_bound: options of the affine coupling (see
+            :class:`~flowtransfer.flows.coupling.AffineCoupling`); giving ``scale`` or ``clamp``
+            without ``coupling`` selects the affine coupling.
+        num_bins, tail_bound: options of the spline coupling (defaults 8 and 5.0).
+        coupling_options: further options for the coupling builder.
         cond_channels: channels of an optional conditioning input ``context`` to the couplings.
         prior: a :class:`ClassConditionalGaussian` to use (and share): the *same* module object is
             registered, never copied. ``None`` builds a new one.
-        clamp: the soft-clamp bound :math:`c`.
         activation: activation of the coupling networks.
         seed: if given, the permutations / initial 1x1 matrices are seeded (step ``i`` uses
             ``seed + i``).
+        dtype, device: where the parameters live (default: torch's default dtype, the CPU).
 
     Example:
         >>> flow = TemporalFlow(32, num_layers=4, num_classes=7)
@@ -152,19 +235,30 @@ class TemporalFlow(Flow):
         kernel_size: int = 3,
         num_classes: int | None = None,
         *,
-        actnorm: bool = True,
-        mixing: Literal["conv1x1", "flip", "permutation"] | None = "conv1x1",
-        scale: Literal["sigmoid", "softclamp", "additive"] = "softclamp",
+        coupling: str | CouplingBuilder | None = None,
+        conditioner: ConditionerFactory | None = None,
+        actnorm: bool | str | None = "input",
+        mixing: Literal["conv1x1", "flip", "permutation"] | None = "permutation",
+        scale: Literal["sigmoid", "softclamp", "additive"] | None = None,
+        clamp: float | None = None,
+        shift_bound: float | None = None,
+        num_bins: int | None = None,
+        tail_bound: float | None = None,
+        coupling_options: Mapping[str, Any] | None = None,
         cond_channels: int = 0,
         prior: ClassConditionalGaussian | None = None,
-        clamp: float = 2.0,
         activation: str = "relu",
         seed: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ):
-        if channels < 2:
+        if int(channels) != channels or channels < 2:
             raise ValueError(f"TemporalFlow needs channels >= 2, got {channels}")
-        if num_layers < 1:
+        if int(num_layers) != num_layers or num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        placement = {True: "every", False: None}.get(actnorm, actnorm) if isinstance(actnorm, bool) else actnorm
+        if placement not in ACTNORM_PLACEMENTS:
+            raise ValueError(f"unknown actnorm {actnorm!r}; choose one of {ACTNORM_PLACEMENTS} (or True / False)")
         if prior is None:
             prior = ClassConditionalGaussian(channels, num_classes)
         else:
@@ -174,11 +268,19 @@ class TemporalFlow(Flow):
                 raise ValueError(f"prior has {prior.channels} channels but the flow has {channels}")
             if num_classes is not None and prior.num_classes != num_classes:
                 raise ValueError(f"prior has num_classes={prior.num_classes} but num_classes={num_classes} was given")
+        kind, options = resolve_coupling(coupling, scale=scale, clamp=clamp, shift_bound=shift_bound,
+                                         num_bins=num_bins, tail_bound=tail_bound, options=coupling_options)
+        custom_conditioner = conditioner is not None
+        if not custom_conditioner:
+            conditioner = temporal_conditioner(hidden, kernel_size, activation)
+        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
+            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
+                             "leave them at their defaults when a conditioner factory is given")
         steps = [
             FlowStep(
-                channels, hidden, kernel_size, actnorm=actnorm, mixing=mixing, scale=scale,
-                cond_channels=cond_channels, clamp=clamp, activation=activation,
-                seed=None if seed is None else seed + i,
+                channels, coupling=kind, conditioner=conditioner, coupling_options=options,
+                actnorm=placement == "every" or (placement == "input" and i == 0), mixing=mixing,
+                cond_channels=cond_channels, seed=None if seed is None else seed + i,
             )
             for i in range(num_layers)
         ]
@@ -186,11 +288,20 @@ class TemporalFlow(Flow):
         self.channels = int(channels)
         self.num_classes = prior.num_classes
         self.cond_channels = int(cond_channels)
+
+        def name(obj: Any) -> Any:
+            return obj if obj is None or isinstance(obj, str) else f"custom:{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+        #: plain-data arguments that rebuild this flow (a custom coupling or conditioner is named,
+        #: not stored: such a flow must be rebuilt by the code that made it)
         self.config = dict(
             channels=channels, num_layers=num_layers, hidden=hidden, kernel_size=kernel_size,
-            num_classes=prior.num_classes, actnorm=actnorm, mixing=mixing, scale=scale,
-            cond_channels=cond_channels, clamp=clamp, activation=activation, seed=seed,
+            num_classes=prior.num_classes, coupling=name(kind), coupling_options=dict(options),
+            conditioner=name(conditioner) if custom_conditioner else None, actnorm=placement, mixing=mixing,
+            cond_channels=cond_channels, activation=activation, seed=seed,
         )
+        if dtype is not None or device is not None:
+            self.to(device=device, dtype=dtype)
 
     @classmethod
     def dicmor_official(
@@ -296,9 +407,13 @@ class TemporalFlow(Flow):
         length: int | None = None,
         context: Tensor | None = None,
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> Tensor:
-        """Draw ``(num_samples, C, length)`` sequences: ``z ~ prior(y)``, ``x = f^{-1}(z)``."""
-        z = self._distribution.sample(num_samples, y, self._length(length, context), generator=generator)
+        """Draw ``(num_samples, C, length)`` sequences: ``z ~ prior(y)`` with its standard deviations
+        multiplied by ``temperature`` (``< 1`` gives more typical samples; 0 the class modes' images),
+        then ``x = f^{-1}(z)``."""
+        z = self._distribution.sample(num_samples, y, self._length(length, context), generator=generator,
+                                      temperature=temperature)
         return self.inverse(z, context)[0]
 
     def sample_and_log_prob(
@@ -308,8 +423,35 @@ class TemporalFlow(Flow):
         *,
         length: int | None = None,
         context: Tensor | None = None,
+        temperature: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
-        """Samples ``(n, C, length)`` and their log-density ``(n,)``, from one inverse pass."""
-        z = self._distribution.sample(num_samples, y, self._length(length, context))
+        """Samples ``(n, C, length)`` and their log-density ``(n,)`` under the model (not the tempered
+        prior), from one inverse pass."""
+        z = self._distribution.sample(num_samples, y, self._length(length, context), temperature=temperature)
         x, logabsdet_inv = self.inverse(z, context)
         return x, self._distribution.log_prob(z, y) - logabsdet_inv
+
+    # ------------------------------------------------------------------ stability certificate
+    def inverse_bound_from(self, radius: Tensor | float) -> Tensor:
+        r"""Per-channel bound ``(C,)`` on :math:`|f^{-1}(z)_{c,t}|` for every latent with
+        :math:`|z_{c,t}| \le` ``radius`` (a scalar or ``(C,)``), any length and context.
+
+        Composed layer by layer from each layer's ``inverse_bound``: ActNorm
+        :math:`r e^{-\ell} + |b|`, a 1x1 convolution :math:`|W^{-1}|\,r`, permutations move radii,
+        spline couplings :math:`\max(r, B)`, affine couplings ``inf`` unless their shift is bounded.
+        ``inf`` means the design gives no bound, not that the inverse diverges."""
+        ref = self.prior.loc
+        r = torch.as_tensor(radius, dtype=torch.float64, device=ref.device).detach()
+        r = r.expand(self.channels).clone() if r.dim() == 0 else r.clone()
+        if r.shape != (self.channels,):
+            raise ValueError(f"radius must be a scalar or have shape ({self.channels},), got {tuple(r.shape)}")
+        with torch.no_grad():
+            for step in reversed(self.steps):
+                r = step.inverse_bound(r)
+        return r
+
+    def inverse_bound(self, k: float = 6.0, y: Tensor | int | None = None) -> Tensor:
+        r"""Per-channel bound ``(C,)`` on the inverse's output over the prior's ``k``-sigma box: every
+        latent with :math:`|z_{c,t} - \mu_{y,c}| \le k\sigma_{y,c}` for the classes ``y`` (default:
+        every class) maps to :math:`|x_{c,t}|` at most this (see :meth:`inverse_bound_from`)."""
+        return self.inverse_bound_from(self.prior.box_radius(k, y))

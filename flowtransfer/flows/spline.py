@@ -1,0 +1,262 @@
+r"""Rational-quadratic spline coupling with identity tails (Durkan et al., *Neural Spline Flows*,
+NeurIPS 2019), for ``(B, C, T)`` inputs.
+
+On :math:`[-B, B]` each transformed element goes through a monotone rational-quadratic spline of
+:math:`K` bins (Gregory & Delbourgo, 1982); outside it the map is the identity. Knots
+:math:`(x^{(k)}, y^{(k)})_{k=0..K}` run from :math:`(-B, -B)` to :math:`(B, B)`, with derivatives
+:math:`\delta^{(k)} > 0` at the knots and :math:`\delta^{(0)} = \delta^{(K)} = 1`, so the map and its
+derivative are continuous at :math:`\pm B`. In bin :math:`k`, with width :math:`w`, height
+:math:`h`, slope :math:`s = h / w` and :math:`\xi = (x - x^{(k)}) / w \in [0, 1]`:
+
+.. math::
+    g(x) = y^{(k)} + \frac{h\,[s\xi^2 + \delta^{(k)}\xi(1-\xi)]}
+                          {s + (\delta^{(k+1)} + \delta^{(k)} - 2s)\,\xi(1-\xi)}, \qquad
+    g'(x) = \frac{s^2\,[\delta^{(k+1)}\xi^2 + 2s\,\xi(1-\xi) + \delta^{(k)}(1-\xi)^2]}
+                 {[s + (\delta^{(k+1)} + \delta^{(k)} - 2s)\,\xi(1-\xi)]^2}.
+
+The inverse solves :math:`a\xi^2 + b\xi + c = 0` with :math:`\Delta = y - y^{(k)}`,
+:math:`a = h(s - \delta^{(k)}) + \Delta\,(\delta^{(k+1)} + \delta^{(k)} - 2s)`,
+:math:`b = h\delta^{(k)} - \Delta\,(\delta^{(k+1)} + \delta^{(k)} - 2s)`, :math:`c = -s\Delta`. The root in
+:math:`[0, 1]` is :math:`\xi = (-b + \sqrt{b^2 - 4ac}) / (2a)`. Evaluated that way it cancels when
+:math:`b > 0`; :func:`rational_quadratic_spline` uses the algebraically equal
+:math:`2c / (-b - \sqrt{b^2 - 4ac})` there and the first form when :math:`b < 0` (where
+:math:`a = hs - b > 0`), so neither form ever subtracts nearly equal numbers.
+
+Bins come from unconstrained network outputs: widths and heights by a softmax, floored at
+``min_bin_width`` / ``min_bin_height`` (fractions of :math:`2B`), interior derivatives by a shifted
+softplus floored at ``min_derivative``. A zero output gives equal bins and unit derivatives: the
+identity, so a zero-initialised conditioner starts the coupling at the identity.
+
+**Bounded inverse.** The spline maps :math:`[-B, B]` onto itself and is the identity outside, so its
+inverse obeys :math:`|x| \le \max(|y|, B)` elementwise, whatever the conditioner outputs: a stack of
+these couplings and permutations can never take a latent further from the origin than
+:math:`\max(\lVert z\rVert_\infty, B)` (see :meth:`~flowtransfer.flows.TemporalFlow.inverse_bound`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conditioner import ConditionerFactory, temporal_conditioner
+from .coupling import Coupling, register_coupling
+
+__all__ = ["RationalQuadraticCoupling", "rational_quadratic_spline", "spline_knots"]
+
+
+def spline_knots(
+    unnormalized_widths: Tensor,
+    unnormalized_heights: Tensor,
+    unnormalized_derivatives: Tensor,
+    bound: float,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Knots ``(x (K+1, ...), y (K+1, ...), derivatives (K+1, ...))`` from unconstrained parameters
+    with bins along dim 0: widths and heights ``(K, ...)``, interior derivatives ``(K-1, ...)``.
+
+    The end knots are exactly ``-bound`` and ``bound``; the end derivatives exactly 1."""
+    k = unnormalized_widths.shape[0]
+
+    def knots(unnormalized: Tensor, minimum: float) -> Tensor:
+        frac = minimum + (1.0 - minimum * k) * torch.softmax(unnormalized, dim=0)
+        inner = -bound + 2.0 * bound * torch.cumsum(frac, dim=0)[:-1]
+        end = inner.new_full((1, *inner.shape[1:]), bound)
+        return torch.cat([-end, inner, end], dim=0)
+
+    # softplus(u + shift) = 1 - min_derivative at u = 0, so zero outputs give unit derivatives
+    shift = math.log(math.expm1(1.0 - min_derivative))
+    inner_d = min_derivative + F.softplus(unnormalized_derivatives + shift)
+    one = inner_d.new_ones((1, *inner_d.shape[1:]))
+    return (
+        knots(unnormalized_widths, min_bin_width),
+        knots(unnormalized_heights, min_bin_height),
+        torch.cat([one, inner_d, one], dim=0),
+    )
+
+
+def _gather(t: Tensor, idx: Tensor) -> Tensor:
+    return t.gather(0, idx.unsqueeze(0)).squeeze(0)
+
+
+def rational_quadratic_spline(
+    inputs: Tensor,
+    unnormalized_widths: Tensor,
+    unnormalized_heights: Tensor,
+    unnormalized_derivatives: Tensor,
+    bound: float = 5.0,
+    *,
+    inverse: bool = False,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[Tensor, Tensor]:
+    r"""The monotone RQ spline on ``[-bound, bound]`` with identity tails, elementwise.
+
+    Args:
+        inputs: any shape ``S``.
+        unnormalized_widths, unnormalized_heights: ``(K, *S)``, bins along dim 0.
+        unnormalized_derivatives: ``(K - 1, *S)``, the interior knots' derivatives.
+        bound: :math:`B`.
+        inverse: evaluate :math:`g^{-1}` instead of :math:`g`.
+
+    Returns:
+        ``(outputs, logabsdet)``, both of shape ``S``: :math:`\log g'(x)` forward, :math:`-\log
+        g'(g^{-1}(y))` inverse; 0 in the tails. No host synchronisation: out-of-range inputs are
+        handled by masks, not by checks.
+    """
+    k = unnormalized_widths.shape[0]
+    if unnormalized_heights.shape[0] != k or unnormalized_derivatives.shape[0] != k - 1:
+        raise ValueError(
+            f"spline parameters: expected K widths, K heights and K-1 derivatives, got "
+            f"{unnormalized_widths.shape[0]}, {unnormalized_heights.shape[0]}, {unnormalized_derivatives.shape[0]}"
+        )
+    xk, yk, dk = spline_knots(unnormalized_widths, unnormalized_heights, unnormalized_derivatives, bound,
+                              min_bin_width, min_bin_height, min_derivative)
+    inside = (inputs >= -bound) & (inputs <= bound)
+    v = inputs.clamp(-bound, bound)
+    # bin index: how many interior knots lie at or below v (a knot starts its bin), in [0, K-1]
+    search = yk if inverse else xk
+    idx = (v.unsqueeze(0) >= search[1:k]).sum(0)
+    x0, y0 = _gather(xk, idx), _gather(yk, idx)
+    w, h = _gather(xk, idx + 1) - x0, _gather(yk, idx + 1) - y0
+    d0, d1 = _gather(dk, idx), _gather(dk, idx + 1)
+    s = h / w
+    curv = d0 + d1 - 2.0 * s
+    if inverse:
+        delta = v - y0
+        a = h * (s - d0) + delta * curv
+        b = h * d0 - delta * curv
+        c = -s * delta
+        root = torch.sqrt((b * b - 4.0 * a * c).clamp_min(0.0))
+        pos = b >= 0
+        # b >= 0: 2c / (-b - root) (both terms of the denominator <= 0); b < 0: (-b + root) / 2a with
+        # a = hs - b > 0. The unused branch gets a harmless denominator so no NaN reaches a gradient.
+        xi = torch.where(pos, 2.0 * c / torch.where(pos, -b - root, -1.0),
+                         (-b + root) / torch.where(pos, 1.0, 2.0 * a))
+        xi = xi.clamp(0.0, 1.0)
+        out = x0 + xi * w
+    else:
+        xi = (v - x0) / w
+    one_minus = 1.0 - xi
+    mix = xi * one_minus
+    den = s + curv * mix
+    log_deriv = (2.0 * torch.log(s) + torch.log(d1 * xi * xi + 2.0 * s * mix + d0 * one_minus * one_minus)
+                 - 2.0 * torch.log(den))
+    if inverse:
+        return torch.where(inside, out, inputs), torch.where(inside, -log_deriv, 0.0)
+    out = y0 + h * (s * xi * xi + d0 * mix) / den
+    return torch.where(inside, out, inputs), torch.where(inside, log_deriv, 0.0)
+
+
+class RationalQuadraticCoupling(Coupling):
+    r"""Coupling whose elementwise map is a rational-quadratic spline with identity tails.
+
+    Each transformed element gets its own spline of ``num_bins`` bins on ``[-tail_bound,
+    tail_bound]``, parametrised by :math:`3K - 1` conditioner outputs (K widths, K heights, K - 1
+    interior derivatives). Exactly the identity at initialisation (zero last conditioner layer).
+
+    The inverse is bounded by construction: :math:`|x_b| \le \max(|y_b|, B)` elementwise
+    (:meth:`inverse_bound_transformed`), whatever the conditioner outputs, because the spline maps
+    :math:`[-B, B]` onto itself and the tails are the identity.
+
+    Arguments:
+        channels: number of channels :math:`C \ge 2`.
+        num_bins: :math:`K \ge 1`.
+        tail_bound: :math:`B > 0`.
+        hidden, kernel_size, activation: sizes of the default conditioner (leave at their defaults
+            when ``conditioner`` is given).
+        cond_channels: see :class:`~flowtransfer.flows.coupling.Coupling`.
+        min_bin_width, min_bin_height: floors of each bin's width and height as fractions of
+            :math:`2B` (``num_bins * min < 1``).
+        min_derivative: floor of the interior knots' derivatives (> 0).
+        conditioner: a conditioner factory (see :mod:`~flowtransfer.flows.conditioner`).
+
+    Shapes: ``(B, C, T) -> (B, C, T)``, log-det ``(B,)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_bins: int = 8,
+        tail_bound: float = 5.0,
+        hidden: int = 64,
+        kernel_size: int = 3,
+        activation: str = "relu",
+        *,
+        cond_channels: int = 0,
+        min_bin_width: float = 1e-3,
+        min_bin_height: float = 1e-3,
+        min_derivative: float = 1e-3,
+        conditioner: ConditionerFactory | None = None,
+    ):
+        if int(num_bins) != num_bins or num_bins < 1:
+            raise ValueError(f"num_bins must be an integer >= 1, got {num_bins}")
+        if not (math.isfinite(tail_bound) and tail_bound > 0):
+            raise ValueError(f"tail_bound must be a finite number > 0, got {tail_bound}")
+        for name, value in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
+            if not (0 < value and value * num_bins < 1):
+                raise ValueError(f"{name} must be > 0 with num_bins * {name} < 1, got {value} for {num_bins} bins")
+        if not 0 < min_derivative < 1:
+            raise ValueError(f"min_derivative must lie in (0, 1), got {min_derivative}")
+        if conditioner is None:
+            conditioner = temporal_conditioner(hidden, kernel_size, activation)
+        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
+            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
+                             "leave them at their defaults when a conditioner factory is given")
+        super().__init__(channels, conditioner, cond_channels)
+        self.num_bins = int(num_bins)
+        self.tail_bound = float(tail_bound)
+        self.min_bin_width = float(min_bin_width)
+        self.min_bin_height = float(min_bin_height)
+        self.min_derivative = float(min_derivative)
+        self.num_params = 3 * self.num_bins - 1
+        self.build_conditioner()
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, num_bins={self.num_bins}, tail_bound={self.tail_bound}, "
+            f"kernel_size={self.kernel_size}, cond_channels={self.cond_channels}"
+        )
+
+    def _spline(self, v: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        k = self.num_bins
+        out, logabsdet = rational_quadratic_spline(
+            v, theta[:k], theta[k : 2 * k], theta[2 * k :], self.tail_bound, inverse=inverse,
+            min_bin_width=self.min_bin_width, min_bin_height=self.min_bin_height,
+            min_derivative=self.min_derivative,
+        )
+        return out, logabsdet.sum((0, 2))
+
+    def elementwise(self, xb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        return self._spline(xb, theta, inverse=False)
+
+    def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        return self._spline(yb, theta, inverse=True)
+
+    def inverse_bound_transformed(self, radius: Tensor) -> Tensor:
+        return radius.clamp_min(self.tail_bound)
+
+
+def _spline_builder(
+    channels: int,
+    *,
+    conditioner: ConditionerFactory | None = None,
+    cond_channels: int = 0,
+    num_bins: int = 8,
+    tail_bound: float = 5.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> RationalQuadraticCoupling:
+    return RationalQuadraticCoupling(
+        channels, num_bins, tail_bound, cond_channels=cond_channels, min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height, min_derivative=min_derivative, conditioner=conditioner,
+    )
+
+
+register_coupling("spline", _spline_builder)
