@@ -22,7 +22,21 @@ def test_default_model_knows_L_A_V_of_the_synthetic_data() -> None:
     data = make_synthetic(seed=0, n_train=10, n_valid=10, n_test=10)
     assert set(model.input_dims) == {"L", "A", "V"}
     assert model.input_dims == data["test"].input_dims
-    assert flowtransfer.load() is model  # cached
+    other = flowtransfer.load()
+    assert other is not model  # every caller gets a model of its own
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_editing_a_loaded_default_model_changes_nothing_else() -> None:
+    x = torch.randn(2, 8, 5)
+    before = flowtransfer.transfer(x, "A", "L")
+    mine = flowtransfer.load()
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(flowtransfer.transfer(x, "A", "L"), before, rtol=0, atol=0)
+    torch.testing.assert_close(flowtransfer.transfer(x, "A", "L", model=flowtransfer.load()), before, rtol=0, atol=0)
 
 
 def test_transfer_default_model_torch_and_numpy() -> None:
