@@ -34,12 +34,14 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from flowtransfer.labels import SENTIMENT_CLASSES, sentiment_classes
 
-__all__ = ["Batch", "MultimodalDataset", "from_arrays", "load_npz", "TASKS", "LAYOUTS"]
+__all__ = ["Batch", "MultimodalDataset", "from_arrays", "load_npz", "check_splits", "nonfinite_lines", "TASKS", "LAYOUTS", "SPLITS"]
 
 #: the tasks a dataset may carry
 TASKS = ("regression", "classification")
 #: the array layouts :func:`from_arrays` understands
 LAYOUTS = ("NTC", "NCT")
+#: the splits a run needs, in order
+SPLITS = ("train", "valid", "test")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +178,11 @@ class MultimodalDataset(Dataset):
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         self.task = task
         self._modalities = names
+        #: modality -> non-finite values replaced with 0 (by :func:`from_arrays`)
         self.cleaning: dict[str, int] = {}
+        #: modality -> ``{"nan", "inf", "missing_slots", "zeroed"}``: what :func:`from_arrays`
+        #: found and did (only modalities that held NaN/inf)
+        self.nonfinite: dict[str, dict[str, int]] = {}
 
         feats: dict[str, np.ndarray] = {}
         n = None
@@ -522,6 +528,7 @@ class MultimodalDataset(Dataset):
             "missing_rate": self.missing_rate(),
             "present_per_modality": {k: int(self.mask[:, j].sum()) for j, k in enumerate(self.modalities)},
             "cleaning": dict(self.cleaning),
+            "nonfinite": {k: dict(v) for k, v in self.nonfinite.items()},
         }
         if self.task == "regression":
             out["labels"] = {
@@ -575,9 +582,14 @@ def from_arrays(
         features: modality name -> array. ``layout="NTC"`` (MMSA: ``(N, T, C)``) is converted with
             ``einops.rearrange(x, "n t c -> n c t")``; ``"NCT"`` is taken as is.
         labels: ``(N,)``; task ``"regression"`` or ``"classification"``.
-        nonfinite: ``"error"`` (default) raises ``ValueError`` naming the modality and the number of
-            NaN/inf values; ``"zero"`` replaces them with 0, records ``ds.cleaning[modality] = count``
-            and emits a warning saying what was cleaned (MMSA audio holds ``-inf``).
+        nonfinite: what to do with NaN/inf values in present slots. A (sample, modality) slot whose
+            values are **all** non-finite is the modality missing for that sample: it is marked
+            absent in the mask, whatever ``nonfinite`` says. Other non-finite values: ``"error"``
+            (default) raises ``ValueError`` naming the modality and the counts; ``"zero"``
+            replaces them with 0, records ``ds.cleaning[modality] = count`` and emits a warning
+            saying what was cleaned (MMSA audio holds ``-inf``). ``ds.nonfinite`` reports, per
+            modality that held any, the NaN and inf counts, the slots marked missing and the
+            values zeroed; a warning names the slots marked missing.
         lengths, mask, ids, num_classes, extras: as in :class:`MultimodalDataset`.
 
     Example::
@@ -610,35 +622,64 @@ def from_arrays(
     if len(set(counts.values())) > 1:
         raise ValueError(f"mismatched sample counts across modalities: {counts}")
 
+    n = counts[names[0]]
     present = None
     if mask is not None:
-        present = MultimodalDataset._check_mask(mask, counts[names[0]], names)
+        present = MultimodalDataset._check_mask(mask, n, names)
     cleaning: dict[str, int] = {}
+    report: dict[str, dict[str, int]] = {}
+    new_mask = None
     for j, name in enumerate(arrays):
         x = arrays[name]
         bad = ~np.isfinite(x)
-        if present is not None:
-            bad &= present[:, j, None, None]  # absent slots are never exposed; the dataset zeroes them
-        nbad = int(bad.sum())
+        if not bad.any():
+            continue
+        column = present[:, j] if present is not None else np.ones(n, dtype=bool)
+        whole_slot = bad.reshape(n, -1).all(axis=1)  # every value non-finite: the modality is missing
+        now_missing = whole_slot & column
+        live = bad & (column & ~whole_slot)[:, None, None]  # absent slots are never exposed; the dataset zeroes them
+        nbad = int(live.sum())
+        report[name] = {
+            "nan": int(np.isnan(x).sum()), "inf": int(np.isinf(x).sum()),
+            "missing_slots": int(now_missing.sum()), "zeroed": 0,
+        }
+        if now_missing.any():
+            if new_mask is None:
+                new_mask = present.copy() if present is not None else np.ones((n, len(names)), dtype=bool)
+            new_mask[now_missing, j] = False
         if nbad == 0:
             continue
         if nonfinite == "error":
-            n_nan = int((np.isnan(x) & bad).sum())
+            n_nan = int((np.isnan(x) & live).sum())
             raise ValueError(
                 f"modality {name!r} holds {nbad} non-finite values ({n_nan} NaN, {nbad - n_nan} inf); "
                 "pass nonfinite='zero' to replace them with 0 (reported), or clean them yourself"
             )
         x = x.copy()  # never modify the caller's array
-        x[bad] = 0.0
+        x[live] = 0.0
         arrays[name] = x
         cleaning[name] = nbad
+        report[name]["zeroed"] = nbad
     if cleaning:
         detail = ", ".join(f"{k}: {v} of {arrays[k].size}" for k, v in cleaning.items())
         warnings.warn(f"from_arrays: replaced non-finite values (NaN/inf) with 0 in {detail}", stacklevel=2)
+    if new_mask is not None:
+        empty = ~new_mask.any(axis=1)
+        if empty.any():
+            rows = np.flatnonzero(empty)
+            raise ValueError(
+                f"{int(empty.sum())} samples have no finite modality (every present slot is entirely NaN/inf; "
+                f"first rows {rows[:5].tolist()}): drop them or give them data"
+            )
+        detail = ", ".join(f"{k}: {v['missing_slots']} of {n}" for k, v in report.items() if v["missing_slots"])
+        warnings.warn(f"from_arrays: samples whose modality is entirely NaN/inf are treated as missing it: {detail}",
+                      stacklevel=2)
+        mask = new_mask
     ds = MultimodalDataset(
         arrays, labels, task, num_classes=num_classes, lengths=lengths, mask=mask, ids=ids, extras=extras
     )
     ds.cleaning = cleaning
+    ds.nonfinite = report
     return ds
 
 
@@ -647,11 +688,67 @@ def from_arrays(
 # --------------------------------------------------------------------------------------------------
 
 
+def check_splits(
+    splits: Mapping[str, MultimodalDataset],
+    source: str = "the data",
+    required: Sequence[str] = (),
+) -> None:
+    """Check that splits agree with each other and that the ``required`` ones exist.
+
+    Every split must have the modalities of the reference split (``train`` when present, else the
+    first) in the same order, with the same channel counts, the same task and the same number of
+    classes; sequence lengths may differ.
+
+    Raises:
+        flowtransfer.io.InputError: naming ``source``, the split and what differs.
+    """
+    from flowtransfer.io import InputError
+
+    missing = [s for s in required if s not in splits]
+    if missing:
+        raise InputError(
+            f"{source} has no {' or '.join(repr(s) for s in missing)} split (it has {list(splits) or 'none'}); "
+            f"need {', '.join(repr(s) for s in required)}"
+        )
+    if not splits:
+        return
+    ref_name = "train" if "train" in splits else next(iter(splits))
+    ref = splits[ref_name]
+    for name, ds in splits.items():
+        where = f"{source}: split {name!r}"
+        if tuple(ds.modalities) != tuple(ref.modalities):
+            raise InputError(f"{where} has modalities {list(ds.modalities)}, split {ref_name!r} has {list(ref.modalities)}")
+        if ds.input_dims != ref.input_dims:
+            raise InputError(f"{where} has channels {ds.input_dims}, split {ref_name!r} has {ref.input_dims}")
+        if ds.task != ref.task:
+            raise InputError(f"{where} is a {ds.task} task, split {ref_name!r} a {ref.task} task")
+        if ds.num_classes != ref.num_classes:
+            raise InputError(
+                f"{where} has {ds.num_classes} classes, split {ref_name!r} has {ref.num_classes}; "
+                "the class count must come from the training split"
+            )
+
+
+def nonfinite_lines(splits: Mapping[str, MultimodalDataset]) -> list[str]:
+    """One readable line per split and modality that held NaN/inf (see ``ds.nonfinite``)."""
+    lines = []
+    for split, ds in splits.items():
+        for m, r in ds.nonfinite.items():
+            done = []
+            if r.get("missing_slots"):
+                done.append(f"{r['missing_slots']} samples entirely non-finite, treated as missing {m}")
+            if r.get("zeroed"):
+                done.append(f"{r['zeroed']} values replaced with 0")
+            lines.append(f"[{split}] {m}: {r['nan']} NaN, {r['inf']} inf" + (f"; {'; '.join(done)}" if done else ""))
+    return lines
+
+
 def load_npz(
     path: str | os.PathLike,
     task: str | None = None,
     layout: str = "NTC",
     nonfinite: str = "error",
+    num_classes: int | None = None,
 ) -> dict[str, MultimodalDataset]:
     """Load one ``.npz`` holding several splits of free-named modalities.
 
@@ -659,11 +756,16 @@ def load_npz(
 
     - ``<split>.<modality>``: features in ``layout`` (default ``(N, T, C)``), one per modality;
     - ``<split>.labels``: ``(N,)`` labels (required);
-    - optional ``<split>.mask`` ``(N, M)`` presence (columns in the order of the modality keys),
-      ``<split>.ids`` ``(N,)``, ``<split>.lengths.<modality>`` ``(N,)``.
+    - optional ``<split>.mask`` ``(N, M)`` presence, its columns in the order of **that split's**
+      modality keys; ``<split>.ids`` ``(N,)``, ``<split>.lengths.<modality>`` ``(N,)``;
+    - optional ``num_classes`` (a 0-d integer): the class count of a classification task.
 
     ``task`` is ``"classification"`` or ``"regression"``; ``None`` infers it from the training
-    labels' dtype (integers -> classification). Every split must hold the same modalities.
+    labels' dtype (integers -> classification). The number of classes is ``num_classes`` (the
+    argument, else the archive's key), else ``max(label) + 1`` of the **training** split, so a
+    validation or test split that lacks the top class gets the same class count; a label outside
+    it is an error. Every split must hold the same modalities with the same channel counts; a
+    sample whose modality is entirely NaN/inf is missing it (see :func:`from_arrays`).
     Returns split name -> dataset, splits in the order ``train``, ``valid``, ``test``, then others.
     """
     path = Path(path)
@@ -676,6 +778,11 @@ def load_npz(
         raise ValueError(f"cannot read {path}: {err} (object arrays are refused; store strings as fixed-width str)") from err
     except Exception as err:
         raise ValueError(f"cannot read {path} as an .npz archive ({type(err).__name__}: {err})") from err
+    if "num_classes" in arrays:
+        declared = arrays.pop("num_classes")
+        if declared.shape != () or declared.dtype.kind not in "iu" or int(declared) < 1:
+            raise ValueError(f"{path}: 'num_classes' must be a positive 0-d integer, got {declared!r}")
+        num_classes = int(declared) if num_classes is None else num_classes
     splits: dict[str, dict[str, Any]] = {}
     for key, val in arrays.items():
         if "." not in key:
@@ -684,7 +791,7 @@ def load_npz(
         splits.setdefault(split, {})[rest] = val
     if not splits:
         raise ValueError(f"{path}: the archive is empty")
-    order = [s for s in ("train", "valid", "test") if s in splits] + [s for s in splits if s not in ("train", "valid", "test")]
+    order = [s for s in SPLITS if s in splits] + [s for s in splits if s not in SPLITS]
     reserved = {"labels", "mask", "ids"}
     mods_ref: tuple[str, ...] | None = None
     out: dict[str, MultimodalDataset] = {}
@@ -702,11 +809,21 @@ def load_npz(
         elif set(mods) != set(mods_ref):
             raise ValueError(f"{path}: split {split!r} has modalities {list(mods)}, expected {list(mods_ref)}")
         lengths = {k.split(".", 1)[1]: v for k, v in d.items() if k.startswith("lengths.")} or None
+        mask = d.get("mask")
+        if mask is not None and mask.ndim == 2 and mask.shape[1] == len(mods) and mods != mods_ref:
+            mask = mask[:, [mods.index(m) for m in mods_ref]]  # this split's key order -> the dataset's
         try:
             out[split] = from_arrays(
                 {m: d[m] for m in mods_ref}, d["labels"], task, layout=layout, lengths=lengths,
-                mask=d.get("mask"), ids=d.get("ids"), nonfinite=nonfinite,
+                mask=mask, ids=d.get("ids"), nonfinite=nonfinite,
+                num_classes=num_classes if task == "classification" else None,
             )
         except ValueError as err:
-            raise ValueError(f"{path} [{split}]: {err}") from err
+            hint = ""
+            if "out of range for num_classes" in str(err) and split != order[0]:
+                hint = f" (the class count comes from the {order[0]!r} split)"
+            raise ValueError(f"{path} [{split}]: {err}{hint}") from err
+        if task == "classification" and num_classes is None:
+            num_classes = out[split].num_classes  # the first (training) split fixes the class count
+    check_splits(out, source=str(path))
     return out

@@ -21,6 +21,16 @@ flowtransfer's ``(N, C, T)`` layout.
 Pickles can run arbitrary code when loaded. :class:`RestrictedUnpickler` resolves only the globals
 that numpy arrays and plain containers need and refuses every other one with
 :class:`UnsafePickleError` *before* anything is called, so a crafted file runs nothing.
+
+Pickles can also exhaust memory: the C unpickler allocates a counted string, a frame or its memo
+table from a size field before reading the data, and ``bytearray(n)`` or ``numpy.ndarray(shape)``
+allocate from a number. So before unpickling, :func:`restricted_load` walks the opcodes
+(``pickletools.genops``, nothing built) and refuses a length beyond the end of the file or a memo
+index no pickler writes; no allow-listed callable allocates from a size: ``numpy.ndarray`` cannot
+be called directly, numpy's ``_reconstruct`` only makes the empty array that numpy's own pickles
+start from, an array's state must hold exactly the data its shape declares, and ``bytearray`` and
+``_codecs.encode`` only copy data that is in the file. Memory use is then bounded by a small
+multiple of the file size.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from flowtransfer.data.dataset import MultimodalDataset, from_arrays
+from flowtransfer.data.dataset import MultimodalDataset, check_splits, from_arrays
 
 __all__ = [
     "UnsafePickleError",
@@ -72,24 +82,93 @@ def _numpy_core(sub: str) -> Any:
     raise ImportError(f"cannot import numpy core module {sub!r}")
 
 
+class _CheckedArray(np.ndarray):
+    """What a pickle gets for ``numpy.ndarray``: the array type of numpy's own ``_reconstruct``
+    pickles, whose ``__setstate__`` checks the declared size against the data before numpy
+    allocates, and which cannot be called to allocate an array of any shape.
+
+    :func:`restricted_load` turns every instance back into a plain ``numpy.ndarray``.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafePickleError(
+            "the pickle calls numpy.ndarray directly (an allocation from a size field); "
+            "only numpy's own array reconstruction is allowed"
+        )
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise ValueError(f"malformed numpy array state ({type(state).__name__})")
+        shape, dtype, _fortran, raw = state[-4:]
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"malformed numpy array shape {shape!r}")
+        if not isinstance(dtype, np.dtype):
+            raise ValueError(f"malformed numpy array dtype {dtype!r}")
+        n = 1
+        for d in shape:
+            n *= d
+        if dtype.hasobject:
+            if not isinstance(raw, list) or len(raw) != n:
+                got = len(raw) if isinstance(raw, list) else type(raw).__name__
+                raise ValueError(f"an object array of shape {shape} holds {got} items instead of {n}")
+        elif not isinstance(raw, (bytes, bytearray, str)) or len(raw) != n * dtype.itemsize:
+            got = len(raw) if isinstance(raw, (bytes, bytearray, str)) else type(raw).__name__
+            raise ValueError(
+                f"an array of shape {shape} and dtype {dtype} declares {n * dtype.itemsize} bytes but holds {got}"
+            )
+        super().__setstate__(state)
+
+
+def _reconstruct_checked(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct``, for the empty array numpy's pickles start from (its data comes
+    with the array's state, checked by :class:`_CheckedArray`)."""
+    if subtype is not _CheckedArray:
+        raise UnsafePickleError(f"numpy _reconstruct called for {subtype!r}; only numpy.ndarray is allowed")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and 0 <= d <= 1 for d in shape):
+        raise UnsafePickleError(f"numpy _reconstruct asked for shape {shape!r}: an allocation from a size field")
+    return _numpy_core("multiarray")._reconstruct(_CheckedArray, shape, dtype)
+
+
+def _bytearray_checked(*args: Any) -> bytearray:
+    """``bytearray`` of data that is in the file (bytes, or a str and its codec); never ``bytearray(n)``."""
+    if not args:
+        return bytearray()
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        return bytearray(args[0], args[1])
+    raise UnsafePickleError(
+        f"bytearray({', '.join(type(a).__name__ for a in args)}) is not allowed: only a copy of bytes "
+        "in the file (bytearray(n) allocates from a size field)"
+    )
+
+
+def _encode_checked(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it: a str to latin-1 bytes."""
+    import _codecs
+
+    if not isinstance(obj, str) or encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+        raise UnsafePickleError(f"_codecs.encode({type(obj).__name__}, {encoding!r}) is not allowed (latin-1 strings only)")
+    return _codecs.encode(obj, encoding, errors)
+
+
 def _allowed() -> dict[tuple[str, str], Any]:
     multiarray = _numpy_core("multiarray")
     numeric = _numpy_core("numeric")
-    import _codecs
     import collections
 
     table: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _CheckedArray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _codecs.encode,  # bytes in protocol-2 pickles
+        ("_codecs", "encode"): _encode_checked,  # bytes in protocol-2 pickles
         ("collections", "OrderedDict"): collections.OrderedDict,
     }
     for base in ("numpy.core", "numpy._core"):
-        table[(f"{base}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{base}.multiarray", "_reconstruct")] = _reconstruct_checked
         table[(f"{base}.multiarray", "scalar")] = multiarray.scalar
         table[(f"{base}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol-5 arrays
     for mod in ("builtins", "__builtin__"):
-        for name, obj in (("set", set), ("frozenset", frozenset), ("bytearray", bytearray), ("complex", complex)):
+        for name, obj in (("set", set), ("frozenset", frozenset), ("bytearray", _bytearray_checked), ("complex", complex)):
             table[(mod, name)] = obj
     return table
 
@@ -97,11 +176,13 @@ def _allowed() -> dict[tuple[str, str], Any]:
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that builds numpy arrays and plain Python containers, and nothing else.
 
-    Allowed globals: ``numpy.ndarray``, ``numpy.dtype``, numpy's ``_reconstruct``, ``scalar`` and
-    ``_frombuffer`` (``numpy.core`` or ``numpy._core``), ``_codecs.encode``, ``collections.OrderedDict``
-    and the builtins ``set``, ``frozenset``, ``bytearray``, ``complex``. Dicts, lists, tuples, strings,
-    bytes and numbers need no global. Any other global raises :class:`UnsafePickleError` naming it;
-    persistent ids are refused too.
+    Allowed globals: ``numpy.ndarray`` (as the type of numpy's ``_reconstruct``, never called),
+    ``numpy.dtype``, numpy's ``_reconstruct`` (empty arrays only), ``scalar`` and ``_frombuffer``
+    (``numpy.core`` or ``numpy._core``), ``_codecs.encode`` (latin-1), ``collections.OrderedDict``
+    and the builtins ``set``, ``frozenset``, ``bytearray`` (of bytes, never of a size) and
+    ``complex``. Dicts, lists, tuples, strings, bytes and numbers need no global. Any other global
+    raises :class:`UnsafePickleError` naming it; persistent ids are refused too. Use it through
+    :func:`restricted_load`, which also checks the sizes in the file first.
     """
 
     _table: dict[tuple[str, str], Any] | None = None
@@ -125,11 +206,87 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"refusing to load {self.source}: persistent id {pid!r} is not allowed")
 
 
+class _Bounded:
+    """A read-only view of a seekable file that never reads (or allocates) past ``size``."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self.fh, self.size = fh, size
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.fh.tell())
+        return self.fh.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, limit: int = -1) -> bytes:
+        left = max(0, self.size - self.fh.tell())
+        return self.fh.readline(left if limit is None or limit < 0 else min(limit, left))
+
+
+def _prescan(fh: BinaryIO, size: int, name: str) -> None:
+    """Walk the opcodes of the pickle at the current position without building anything.
+
+    Refuses what would make the C unpickler allocate from a size field: a counted string, bytes,
+    long or frame longer than the rest of the file, and a memo index no pickler writes (the memo
+    table is resized to the index).
+    """
+    import pickletools
+
+    start = fh.tell()
+    bounded = _Bounded(fh, size)
+    memo = 0
+    try:
+        for op, arg, pos in pickletools.genops(bounded):
+            if op.name == "FRAME" and arg > size - bounded.tell():
+                raise ValueError(f"a frame of {arg} bytes at offset {pos} runs past the end of the file")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if not isinstance(arg, int) or not 0 <= arg <= 2 * memo + 1024:
+                    raise ValueError(f"memo index {arg} at offset {pos} after {memo} memo entries")
+                memo += 1
+            elif op.name == "MEMOIZE":
+                memo += 1
+    except ValueError as err:  # genops: "expected N bytes in a bytes8, but only M remain", bad opcodes
+        raise MMSAFormatError(
+            f"cannot read {name} as a pickle: {err} (truncated, corrupt, or built to exhaust memory); nothing was allocated"
+        ) from None
+    except Exception as err:
+        raise MMSAFormatError(f"cannot read {name} as a pickle ({type(err).__name__}: {err})") from None
+    fh.seek(start)
+
+
+def _plain(obj: Any) -> Any:
+    """Turn every :class:`_CheckedArray` in a loaded structure into a plain ``numpy.ndarray``."""
+    if isinstance(obj, np.ndarray):
+        arr = obj.view(np.ndarray) if type(obj) is not np.ndarray else obj
+        if arr.dtype.hasobject:
+            flat = arr.reshape(-1)
+            for i, item in enumerate(flat):
+                if isinstance(item, (np.ndarray, dict, list, tuple, set, frozenset)):
+                    flat[i] = _plain(item)
+        return arr
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _plain(v)
+        return obj
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            obj[i] = _plain(v)
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
 def restricted_load(source: str | os.PathLike | bytes | BinaryIO) -> Any:
     """Unpickle a path, bytes or binary file with :class:`RestrictedUnpickler`.
 
-    Raises :class:`UnsafePickleError` for a forbidden global and :class:`MMSAFormatError` (naming
-    the path) when the file is unreadable or corrupt.
+    The opcodes are checked first (:func:`_prescan`), so a small hostile file cannot make the
+    unpickler allocate gigabytes.
+
+    Raises :class:`UnsafePickleError` for a forbidden global or allocation and
+    :class:`MMSAFormatError` (naming the path) when the file is unreadable, corrupt or declares
+    sizes it does not hold.
     """
     if isinstance(source, (bytes, bytearray)):
         return _unpickle(io.BytesIO(source), "<bytes>")
@@ -146,14 +303,24 @@ def restricted_load(source: str | os.PathLike | bytes | BinaryIO) -> Any:
             raise MMSAFormatError(f"cannot open {path}: {err}") from err
         with fh:
             return _unpickle(fh, str(path))
-    return _unpickle(source, getattr(source, "name", "<stream>"))
+    name = getattr(source, "name", "<stream>")
+    if not (hasattr(source, "seekable") and source.seekable()):
+        source = io.BytesIO(source.read())
+    return _unpickle(source, str(name))
 
 
 def _unpickle(fh: BinaryIO, name: str) -> Any:
+    start = fh.tell()
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(start)
+    _prescan(fh, size, name)
     try:
-        return RestrictedUnpickler(fh, source=name).load()
-    except UnsafePickleError:
-        raise
+        return _plain(RestrictedUnpickler(fh, source=name).load())
+    except UnsafePickleError as err:
+        if name in str(err):
+            raise
+        raise UnsafePickleError(f"refusing to load {name}: {err}") from None
     except Exception as err:  # corrupt or truncated data surfaces as many exception types
         raise MMSAFormatError(f"cannot read {name} as a pickle ({type(err).__name__}: {err})") from err
 
@@ -188,9 +355,11 @@ def load_mmsa(
             (``(N, 3, T)`` token ids / attention mask / segment ids, stored as float32 channels of
             modality ``L``: ids below 2**24 are exact; a BERT encoder consumes them).
         nonfinite: ``"zero"`` (default: MMSA audio holds ``-inf``) replaces NaN/inf with 0, warns
-            and reports counts in ``ds.cleaning``; ``"error"`` raises instead.
+            and reports counts in ``ds.cleaning``; ``"error"`` raises instead. Either way a sample
+            whose modality is entirely NaN/inf is missing that modality (marked absent in the
+            mask), and ``ds.nonfinite`` reports per modality what was found and done.
         task: ``"regression"`` (``regression_labels``) or ``"classification"``
-            (``classification_labels``).
+            (``classification_labels``; the class count comes from the training split).
         splits: which splits to load (default: every split in the file); an unknown name raises
             ``KeyError`` listing the available ones.
         modalities: subset of ``("L", "A", "V")`` to load, in that order.
@@ -230,6 +399,13 @@ def load_mmsa(
     other_label = "classification_labels" if task == "regression" else "regression_labels"
 
     out: dict[str, MultimodalDataset] = {}
+    num_classes: int | None = None
+    if task == "classification":
+        # the class count comes from the training split, so a split that lacks the top class agrees
+        ref = raw.get("train") if "train" in available else raw[wanted[0]]
+        labels = np.asarray(ref.get(label_key, np.zeros(0)))
+        if labels.size and labels.dtype.kind in "biuf" and np.isfinite(labels).all() and labels.min() >= 0:
+            num_classes = max(int(labels.max()) + 1, 2)
     for s in wanted:
         split = raw[s]
         where = f"{path} [{s}]"
@@ -273,10 +449,15 @@ def load_mmsa(
                     ids=None if ids is None else np.asarray(ids).reshape(-1),
                     nonfinite=nonfinite,
                     extras=extras,
+                    num_classes=num_classes,
                 )
         except ValueError as err:
             raise MMSAFormatError(f"{where}: {err}") from err
         for w in caught:  # re-emit with the file and split named
             warnings.warn(f"{where}: {w.message}", w.category, stacklevel=2)
         out[s] = ds
+    try:
+        check_splits(out, source=str(path))
+    except ValueError as err:
+        raise MMSAFormatError(str(err)) from None
     return out
