@@ -44,6 +44,8 @@ __all__ = [
     "check_finite_state",
     "clean_stale_temp_files",
     "file_mode",
+    "dir_mode",
+    "temp_prefix",
     "ensure_writable_dir",
     "ensure_writable_file",
 ]
@@ -85,6 +87,11 @@ def _umask() -> int:
 def file_mode() -> int:
     """The mode a new regular file gets from ``open()``: ``0o666 & ~umask``."""
     return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode a new folder gets from ``mkdir()``: ``0o777 & ~umask``."""
+    return 0o777 & ~_umask()
 
 
 def _pid_alive(pid: int) -> bool:

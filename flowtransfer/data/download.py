@@ -25,6 +25,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from flowtransfer.io import clean_stale_temp_files, dir_mode, file_mode, temp_prefix
+
 __all__ = [
     "DownloadError",
     "ChecksumError",
@@ -130,10 +132,12 @@ def download(
         except ChecksumError:
             dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    clean_stale_temp_files(dest.parent, name=dest.name)  # .part files of killed downloads
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), file_mode())
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     length = response.headers.get("Content-Length")
@@ -187,6 +191,17 @@ def check_fsdd_manifest(recordings: str | os.PathLike, n_takes: int = 50) -> lis
     return sorted(found)
 
 
+#: no FSDD recording comes near this size (they are 5-50 kB); a larger member is refused unread
+MAX_RECORDING_BYTES = 16 << 20
+
+
+def _check_member_size(archive: Path, name: str, size: int) -> None:
+    if size > MAX_RECORDING_BYTES:
+        raise DownloadError(
+            f"{archive}: member {name} declares {size} bytes (limit {MAX_RECORDING_BYTES}); not an FSDD recording"
+        )
+
+
 def extract_fsdd(
     archive: str | os.PathLike, recordings: str | os.PathLike, n_takes: int = 50
 ) -> Path:
@@ -200,6 +215,7 @@ def extract_fsdd(
     archive, recordings = Path(archive), Path(recordings)
     recordings.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".recordings.", dir=recordings.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp makes 0700; the final folder is an ordinary one
 
     def wanted(name: str) -> str | None:
         parts = name.replace("\\", "/").split("/")
@@ -215,6 +231,7 @@ def extract_fsdd(
                 for info in z.infolist():
                     base = wanted(info.filename)
                     if base and not info.is_dir():
+                        _check_member_size(archive, info.filename, info.file_size)
                         (tmp / base).write_bytes(z.read(info))
         else:
             try:
@@ -222,6 +239,7 @@ def extract_fsdd(
                     for member in t:
                         base = wanted(member.name)
                         if base and member.isfile():
+                            _check_member_size(archive, member.name, member.size)
                             src = t.extractfile(member)
                             assert src is not None
                             (tmp / base).write_bytes(src.read())
