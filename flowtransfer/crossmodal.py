@@ -38,7 +38,10 @@ from flowtransfer.io import CheckpointError, atomic_save, safe_load
 
 __all__ = ["CrossModalFlows", "ModalityError"]
 
-_FORMAT = "flowtransfer.CrossModalFlows/1"
+_FORMAT = "flowtransfer.CrossModalFlows/2"
+#: files of format /1 stored only the flow arguments that differed from the defaults of their
+#: time (Glow steps: ActNorm in every step, LU 1x1 convolution, affine coupling); those are restored
+_LEGACY_FORMATS = {"flowtransfer.CrossModalFlows/1": {"actnorm": "every", "mixing": "conv1x1", "coupling": "affine"}}
 
 
 class ModalityError(ValueError):
@@ -103,13 +106,17 @@ class CrossModalFlows(nn.Module):
         return tuple(self.input_dims)
 
     def config(self) -> dict[str, Any]:
-        """Plain-data configuration that rebuilds this model (saved with the weights)."""
+        """Plain-data configuration that rebuilds this model (saved with the weights). The flows'
+        arguments are stored in full, so a later change of a default cannot change a saved model."""
+        flow_config = dict(next(iter(self.flows.values())).config)
+        for key in ("channels", "num_classes"):
+            flow_config.pop(key)
         return {
             "input_dims": dict(self.input_dims),
             "width": self.width,
             "num_classes": self.num_classes,
             "augment_std": self.augment_std,
-            "flow_kwargs": dict(self.flow_kwargs),
+            "flow_kwargs": flow_config,
         }
 
     def check_input(self, x: Tensor, modality: str, what: str = "x") -> None:
@@ -201,15 +208,23 @@ class CrossModalFlows(nn.Module):
     def load(cls, path: str | Path) -> CrossModalFlows:
         """Rebuild a model saved with :meth:`save`. Never executes code from the file."""
         payload = safe_load(path)
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        fmt = payload.get("format") if isinstance(payload, dict) else None
+        if fmt != _FORMAT and fmt not in _LEGACY_FORMATS:
             raise CheckpointError(f"{path} is not a saved CrossModalFlows (format {_FORMAT!r} expected)")
         config = payload["config"]
+        flow_kwargs = {**_LEGACY_FORMATS.get(fmt, {}), **config["flow_kwargs"]}
+        for key in ("coupling", "conditioner"):
+            if isinstance(flow_kwargs.get(key), str) and flow_kwargs[key].startswith("custom:"):
+                raise CheckpointError(
+                    f"{path} was saved from flows with a custom {key} ({flow_kwargs[key]}); "
+                    "rebuild the model in code and load its state_dict instead"
+                )
         model = cls(
             config["input_dims"],
             width=config["width"],
             num_classes=config["num_classes"],
             augment_std=config["augment_std"],
-            **config["flow_kwargs"],
+            **flow_kwargs,
         )
         model.load_state_dict(payload["state_dict"])
         model.eval()

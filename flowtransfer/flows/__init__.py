@@ -8,7 +8,14 @@ returning ``(outputs, logabsdet)`` with a ``(B,)`` log-det), so it composes with
 from __future__ import annotations
 
 from .actnorm import ActNorm
-from .checks import InvertibilityReport, LogdetReport, check_invertibility, check_logdet
+from .checks import (
+    InvertibilityReport,
+    LogdetReport,
+    StabilityReport,
+    check_inverse_stability,
+    check_invertibility,
+    check_logdet,
+)
 from .conditioner import ConditionerFactory, TemporalConditioner, temporal_conditioner
 from .coupling import (
     COUPLINGS,
@@ -34,7 +41,9 @@ __all__ = [
     "Coupling",
     "RationalQuadraticCoupling",
     "TemporalConditioner",
+    "StabilityReport",
     "build_coupling",
+    "check_inverse_stability",
     "rational_quadratic_spline",
     "register_coupling",
     "resolve_coupling",

@@ -1,4 +1,5 @@
-r"""Checks to run on any flow or transform, trained or not: round trip and log-determinant.
+r"""Checks to run on any flow or transform, trained or not: round trip, log-determinant, and the
+stability of the inverse over the prior's range (:func:`check_inverse_stability`).
 
 Both accept a :class:`~flowtransfer.flows.TemporalFlow`, any nflows ``Transform`` (``forward`` and
 ``inverse`` returning ``(outputs, logabsdet)``), or an nflows ``Flow`` (its transform is checked).
@@ -14,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -21,7 +23,14 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InvertibilityReport", "LogdetReport", "check_invertibility", "check_logdet"]
+__all__ = [
+    "InvertibilityReport",
+    "LogdetReport",
+    "StabilityReport",
+    "check_inverse_stability",
+    "check_invertibility",
+    "check_logdet",
+]
 
 
 @dataclass
@@ -228,4 +237,141 @@ def check_logdet(
         logdet=mine,
         reference=ref,
         dims=dims,
+    )
+
+
+@dataclass
+class StabilityReport:
+    r"""Result of :func:`check_inverse_stability`.
+
+    Attributes:
+        worst_abs: the largest :math:`|f^{-1}(z)|` found over the searched latents (``inf`` if an
+            output was non-finite).
+        worst_class: the class of the box in which it was found (``None`` for an unconditional prior).
+        worst_latent: that latent, ``(C, T)``.
+        data_max: :math:`\max|x|` of the given data (``None`` without data).
+        ratio: ``worst_abs / data_max`` (``None`` without data).
+        max_ratio: the ratio above which the check fails.
+        certificate: the design's bound :meth:`~flowtransfer.flows.TemporalFlow.inverse_bound`
+            (largest channel; ``inf`` when the design gives none; ``None`` for other flows).
+        k: the box's half-width in prior standard deviations.
+        starts, steps: random starts and gradient-ascent steps of the search.
+        finite: every searched output was finite.
+        passed: finite, within ``max_ratio`` of the data (when data is given) and within the
+            certificate (when one is finite).
+    """
+
+    worst_abs: float
+    worst_class: int | None
+    worst_latent: Tensor
+    data_max: float | None
+    ratio: float | None
+    max_ratio: float
+    certificate: float | None
+    k: float
+    starts: int
+    steps: int
+    finite: bool
+    passed: bool
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        data = "" if self.data_max is None else (
+            f" = {self.ratio:.3g}x the data's largest |value| {self.data_max:.4g} (limit {self.max_ratio:g}x)")
+        cert = "" if self.certificate is None else f"; design bound {self.certificate:.4g}"
+        return (f"inverse stability {verdict}: largest |inverse(z)| over the prior's {self.k:g}-sigma box "
+                f"{self.worst_abs:.4g}{data}{cert} ({self.starts} starts x {self.steps} ascent steps)")
+
+
+def check_inverse_stability(
+    flow: nn.Module,
+    data: Tensor | None = None,
+    *,
+    k: float = 6.0,
+    length: int | None = None,
+    starts: int = 64,
+    steps: int = 30,
+    step_size: float = 0.05,
+    max_ratio: float = 10.0,
+    context: Tensor | None = None,
+    seed: int = 0,
+) -> StabilityReport:
+    r"""Search the prior's ``k``-sigma box for the latent whose inverse output is largest.
+
+    Transfer runs a flow backwards on latents from *another* modality's flow, i.e. anywhere the
+    prior puts mass, not only where this flow's own data lands: a round trip on data can pass while
+    the inverse over the prior's range explodes. This check starts from ``starts`` latents in the
+    box :math:`|z_{c,t} - \mu_{y,c}| \le k\sigma_{y,c}` (classes ``y`` spread over the starts; half at
+    random vertices of the box, half uniform inside), then climbs :math:`\max |f^{-1}(z)|` by
+    projected sign-gradient ascent (``steps`` steps of ``step_size`` times the box's half-width,
+    clipped back into the box), and reports the largest output met on the way.
+
+    Arguments:
+        flow: a :class:`~flowtransfer.flows.TemporalFlow` (its ``prior`` defines the box).
+        data: real data ``(B, C, T)`` setting the scale (``max |x|``) and, by default, the length.
+        k: half-width of the box in prior standard deviations.
+        length: time steps of the searched latents (default: the data's, else 1).
+        starts, steps, step_size: the search (cost: ``starts * (steps + 1)`` inverse passes).
+        max_ratio: the check fails when the worst output exceeds ``max_ratio * max|data|``.
+        context: coupling context ``(starts, cond, T)`` for conditional flows.
+        seed: seed of the starting points (the flow's RNG state is untouched).
+
+    Runs in eval mode in the flow's dtype; the flow's parameters get no gradients.
+    """
+    from .temporal_flow import TemporalFlow
+
+    if not isinstance(flow, TemporalFlow):
+        raise TypeError(f"check_inverse_stability needs a TemporalFlow (its prior defines the box), got {type(flow).__name__}")
+    if not (k > 0 and starts >= 1 and steps >= 0 and step_size > 0 and max_ratio > 0):
+        raise ValueError("check_inverse_stability: k, starts, step_size and max_ratio must be positive, steps >= 0")
+    if data is not None:
+        _check_batch(data, "check_inverse_stability")
+    t = int(length) if length is not None else (int(data.shape[-1]) if data is not None else 1)
+    prior = flow.prior
+    dtype, device = prior.loc.dtype, prior.loc.device
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    c = flow.channels
+    classes = None if prior.num_classes is None else torch.arange(starts) % prior.num_classes
+    with torch.no_grad():
+        mean, log_std = prior.params(None if classes is None else classes.to(device), starts)
+        half = (k * torch.exp(log_std)).unsqueeze(-1).expand(starts, c, t)
+        centre = mean.unsqueeze(-1).expand(starts, c, t)
+        vertices = torch.randint(0, 2, (starts, c, t), generator=gen).to(dtype) * 2 - 1
+        inside = torch.rand(starts, c, t, generator=gen).to(dtype) * 2 - 1
+        u = torch.where(torch.arange(starts)[:, None, None] % 2 == 0, vertices, inside).to(device)
+    worst, worst_i, worst_z, finite = -1.0, 0, None, True
+    params = [p for p in flow.parameters()]
+    flags = [p.requires_grad for p in params]
+    with _eval_mode(flow):
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            for step in range(steps + 1):
+                z = (centre + half * u).detach().requires_grad_(steps > step)
+                x = flow.inverse(z, context)[0]
+                per = x.detach().abs().flatten(1).amax(1)
+                bad = ~torch.isfinite(per)
+                if bool(bad.any()):
+                    finite = False
+                    per = torch.where(bad, torch.full_like(per, float("inf")), per)
+                best = int(per.argmax())
+                if float(per[best]) > worst:
+                    worst, worst_i, worst_z = float(per[best]), best, z[best].detach().clone()
+                if step == steps:
+                    break
+                score = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).flatten(1).amax(1).sum()
+                (grad,) = torch.autograd.grad(score, z)
+                with torch.no_grad():
+                    u = (u + step_size * torch.sign(torch.nan_to_num(grad))).clamp(-1.0, 1.0)
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+    data_max = None if data is None else float(data.detach().abs().max())
+    ratio = None if data_max is None else (worst / data_max if data_max > 0 else float("inf"))
+    cert = float(flow.inverse_bound(k).max())
+    passed = finite and (ratio is None or ratio <= max_ratio) and (not math.isfinite(cert) or worst <= cert * (1 + 1e-4) + 1e-6)
+    return StabilityReport(
+        worst_abs=worst, worst_class=None if classes is None else int(classes[worst_i]),
+        worst_latent=worst_z, data_max=data_max, ratio=ratio, max_ratio=float(max_ratio), certificate=cert,
+        k=float(k), starts=int(starts), steps=int(steps), finite=finite, passed=bool(passed),
     )

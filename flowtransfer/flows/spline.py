@@ -18,9 +18,8 @@ The inverse solves :math:`a\xi^2 + b\xi + c = 0` with :math:`\Delta = y - y^{(k)
 :math:`a = h(s - \delta^{(k)}) + \Delta\,(\delta^{(k+1)} + \delta^{(k)} - 2s)`,
 :math:`b = h\delta^{(k)} - \Delta\,(\delta^{(k+1)} + \delta^{(k)} - 2s)`, :math:`c = -s\Delta`. The root in
 :math:`[0, 1]` is :math:`\xi = (-b + \sqrt{b^2 - 4ac}) / (2a)`. Evaluated that way it cancels when
-:math:`b > 0`; :func:`rational_quadratic_spline` uses the algebraically equal
-:math:`2c / (-b - \sqrt{b^2 - 4ac})` there and the first form when :math:`b < 0` (where
-:math:`a = hs - b > 0`), so neither form ever subtracts nearly equal numbers.
+:math:`b > 0`, and the discriminant itself cancels near the right knot when :math:`\delta^{(k+1)}` is
+small; :func:`inverse_root` rewrites both so that nothing subtracts nearly equal numbers.
 
 Bins come from unconstrained network outputs: widths and heights by a softmax, floored at
 ``min_bin_width`` / ``min_bin_height`` (fractions of :math:`2B`), interior derivatives by a shifted
@@ -44,7 +43,7 @@ from torch import Tensor
 from .conditioner import ConditionerFactory, temporal_conditioner
 from .coupling import Coupling, register_coupling
 
-__all__ = ["RationalQuadraticCoupling", "rational_quadratic_spline", "spline_knots"]
+__all__ = ["RationalQuadraticCoupling", "inverse_root", "rational_quadratic_spline", "spline_knots"]
 
 
 def spline_knots(
@@ -81,6 +80,33 @@ def spline_knots(
 
 def _gather(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(0, idx.unsqueeze(0)).squeeze(0)
+
+
+def inverse_root(left: Tensor, right: Tensor, h: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
+    r"""The bin coordinate :math:`\xi \in [0, 1]` with :math:`g(\xi) = y`, free of cancellation.
+
+    Args (broadcastable): ``left`` :math:`= y - y^{(k)}` and ``right`` :math:`= y^{(k+1)} - y` (both
+    measured from the knots, so neither is a difference of nearly equal numbers), the bin's height
+    ``h``, slope ``s`` and knot derivatives ``d0``, ``d1``.
+
+    With :math:`\Delta_l, \Delta_r` = ``left``, ``right``: :math:`b = \delta^{(k)}\Delta_r +
+    (2s - \delta^{(k+1)})\Delta_l`, :math:`a = hs - b`, :math:`c = -s\Delta_l` and the discriminant
+    written as a sum of two non-negative terms,
+    :math:`b^2 - 4ac = (\delta^{(k)}\Delta_r - \delta^{(k+1)}\Delta_l)^2 + 4s^2\Delta_l\Delta_r`
+    (the textbook :math:`b^2 - 4ac` cancels near :math:`\xi = 1` when :math:`\delta^{(k+1)}` is
+    small). The root is :math:`2c / (-b - \sqrt{D})` where :math:`b \ge 0` and :math:`(-b +
+    \sqrt{D}) / 2a` where :math:`b < 0` (then :math:`a = hs + |b| > 0`): no subtraction anywhere.
+    """
+    left, right = left.clamp_min(0.0), right.clamp_min(0.0)
+    b = d0 * right + (2.0 * s - d1) * left
+    a = h * s - b
+    c = -s * left
+    root = torch.sqrt((d0 * right - d1 * left).square() + 4.0 * s * s * left * right)
+    pos = b >= 0
+    # the unused branch gets a harmless denominator, so no NaN reaches a gradient
+    xi = torch.where(pos, 2.0 * c / torch.where(pos, -b - root, -1.0),
+                     (-b + root) / torch.where(pos, 1.0, 2.0 * a))
+    return xi.clamp(0.0, 1.0)
 
 
 def rational_quadratic_spline(
@@ -128,17 +154,7 @@ def rational_quadratic_spline(
     s = h / w
     curv = d0 + d1 - 2.0 * s
     if inverse:
-        delta = v - y0
-        a = h * (s - d0) + delta * curv
-        b = h * d0 - delta * curv
-        c = -s * delta
-        root = torch.sqrt((b * b - 4.0 * a * c).clamp_min(0.0))
-        pos = b >= 0
-        # b >= 0: 2c / (-b - root) (both terms of the denominator <= 0); b < 0: (-b + root) / 2a with
-        # a = hs - b > 0. The unused branch gets a harmless denominator so no NaN reaches a gradient.
-        xi = torch.where(pos, 2.0 * c / torch.where(pos, -b - root, -1.0),
-                         (-b + root) / torch.where(pos, 1.0, 2.0 * a))
-        xi = xi.clamp(0.0, 1.0)
+        xi = inverse_root(v - y0, _gather(yk, idx + 1) - v, h, s, d0, d1)
         out = x0 + xi * w
     else:
         xi = (v - x0) / w
