@@ -21,15 +21,26 @@ One run = one dataset x methods x seeds x settings. For each seed:
 that every row of a setting is read against.
 
 Outputs in ``out``: ``results.csv`` / ``results.json`` (one row per method, dataset, setting, seed),
-``summary.csv`` (mean ± std over seeds), ``table.txt``, ``masks/``, ``config.json``, and
-``curves.png`` (score against missing rate).
+``summary.csv`` (mean ± std over seeds), ``table.txt``, ``masks/``, ``config.json`` (the settings
+and, under ``data``, what the loader found: NaN/inf per split and modality, slots marked missing,
+values zeroed), and ``curves.png`` (score against missing rate).
+
+Everything is checked before any training starts (:meth:`ExperimentConfig.validate`, the data's
+splits against each other, the output folder's writability). Data with missing slots of its own
+(a modality entirely NaN/inf for a sample) is handled throughout: validation and training masks
+never mark such a slot present, a test setting is intersected with the data's own mask (samples
+left with nothing are left out of that setting and counted in ``samples_without_input``), and
+recovery distances use the test samples that have every modality. With ``resume=True`` each
+training continues from its last complete checkpoint and ends with the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +51,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowtransfer.data import MultimodalDataset, evaluation_settings, random_missing_mask, training_missing_mask
+from flowtransfer.data.dataset import SPLITS, check_splits, nonfinite_lines
 from flowtransfer.data.missing import MissingSetting, save_masks
-from flowtransfer.data.summary import load_dataset
-from flowtransfer.io import atomic_write_json, atomic_write_text
-from flowtransfer.methods import DatasetInfo, build_method
+from flowtransfer.data.summary import DATASETS, load_dataset
+from flowtransfer.io import InputError, atomic_write_json, atomic_write_text, clean_stale_temp_files, ensure_writable_dir
+from flowtransfer.methods import PRESETS, DatasetInfo, build_method
 from flowtransfer.metrics import frechet_distance
 from flowtransfer.training import (
     Trainer,
@@ -55,8 +67,23 @@ from flowtransfer.training import (
     write_results,
 )
 from flowtransfer.training.results import result_row
+from flowtransfer.training.seeding import seed_everything
 
-__all__ = ["ExperimentConfig", "run_experiment", "DEFAULT_METHODS", "COMPLETE_DATA_METHODS", "main_metrics"]
+__all__ = [
+    "ExperimentConfig",
+    "run_experiment",
+    "load_splits",
+    "data_report",
+    "known_methods",
+    "build_seeded",
+    "train_method",
+    "evaluate_method",
+    "check_compatible",
+    "DEFAULT_METHODS",
+    "COMPLETE_DATA_METHODS",
+    "VALID_MASK_SEED_OFFSET",
+    "main_metrics",
+]
 
 #: what ``flowtransfer run`` compares by default
 DEFAULT_METHODS: tuple[str, ...] = ("dicmor", "zero_fill", "upper_bound")
@@ -66,6 +93,8 @@ COMPLETE_DATA_METHODS = frozenset({"upper_bound", "zero_fill", "mean_fill", "spe
 BOUND_METHODS = frozenset({"upper_bound"})
 #: default rates of the random per-sample protocol
 DEFAULT_RATES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+#: the fixed validation mask of seed ``k`` is drawn with seed ``k + VALID_MASK_SEED_OFFSET``
+VALID_MASK_SEED_OFFSET = 104729
 
 
 @dataclass
@@ -97,6 +126,8 @@ class ExperimentConfig:
             modality); ``None`` trains on complete data.
         out: output folder.
         progress: tqdm bars.
+        resume: continue every training from its last complete checkpoint in ``out/checkpoints``
+            (bit-identical to an uninterrupted run); finished trainings are not repeated.
     """
 
     dataset: str = "synthetic"
@@ -121,9 +152,93 @@ class ExperimentConfig:
     train_eta_modality: str | None = None
     out: str = "runs/latest"
     progress: bool = True
+    resume: bool = False
 
     def resolved_preset(self) -> str:
         return self.preset or ("small" if self.dataset == "synthetic" else "mosi")
+
+    def train_config(self, task: str, seed: int, **changes: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of one training stage (validated by ``TrainConfig`` itself)."""
+        settings: dict[str, Any] = dict(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            early_stop_patience=self.early_stop_patience, grad_clip_norm=self.grad_clip_norm,
+            monitor=_monitor(task), seed=seed, progress=self.progress,
+            max_steps_per_epoch=self.max_steps_per_epoch,
+        )
+        settings.update(changes)
+        return TrainConfig(**settings)
+
+    def validate(self, *, train: bool = True) -> None:
+        """Check every setting before anything is loaded, trained or written.
+
+        ``train=False`` checks only what evaluating needs (dataset, seeds, rates).
+
+        Raises:
+            flowtransfer.io.InputError: naming the setting and what is wrong with it.
+        """
+        if self.dataset not in DATASETS:
+            raise InputError(f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
+        if self.task not in (None, "regression", "classification"):
+            raise InputError(f"unknown task {self.task!r}; expected 'regression' or 'classification'")
+        _check_unique("seeds", self.seeds, lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+                      "integers")
+        _check_unique("rates", self.rates, lambda v: _is_real(v) and 0.0 <= v < 1.0, "numbers in [0, 1)",
+                      allow_empty=self.patterns)
+        if not self.rates and not self.patterns:
+            raise InputError("nothing to evaluate: no missing rates and no fixed patterns")
+        if not train:
+            return
+        _check_unique("methods", self.methods, lambda v: isinstance(v, str) and bool(v), "method names")
+        known = known_methods()
+        unknown = [m for m in self.methods if m not in known]
+        if unknown:
+            raise InputError(f"unknown method{'s' if len(unknown) > 1 else ''} {unknown}; registered: {sorted(known)}")
+        stray = sorted(set(self.method_options) - set(self.methods))
+        if stray:
+            raise InputError(f"method_options given for {stray}, which this run does not train (methods {list(self.methods)})")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InputError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if not (_is_real(self.valid_missing_rate) and 0.0 <= self.valid_missing_rate < 1.0):
+            raise InputError(f"valid_missing_rate must lie in [0, 1), got {self.valid_missing_rate!r}")
+        if self.train_eta is not None and not (_is_real(self.train_eta) and 0.0 < self.train_eta <= 1.0):
+            raise InputError(f"train_eta must lie in (0, 1], got {self.train_eta!r}")
+        if not isinstance(self.out, str) or not self.out:
+            raise InputError(f"out must be a folder path, got {self.out!r}")
+        try:
+            self.train_config("classification", 0)
+        except (ValueError, TypeError) as err:
+            raise InputError(str(err).replace("TrainConfig.", "")) from None
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_unique(what: str, values: Any, ok: Callable[[Any], bool], kind: str, allow_empty: bool = False) -> None:
+    """``values`` must be a non-empty sequence of ``kind`` without repeats."""
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise InputError(f"{what} must be a sequence of {kind}, got {values!r}")
+    if not values and not allow_empty:
+        raise InputError(f"no {what} given: need at least one")
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        raise InputError(f"{what} must be {kind}, got {bad[0]!r}")
+    seen: set[Any] = set()
+    repeated = [v for v in values if v in seen or seen.add(v)]  # type: ignore[func-returns-value]
+    if repeated:
+        raise InputError(f"{what} repeat {sorted(set(repeated))}: each may appear once")
+
+
+def known_methods() -> frozenset[str]:
+    """The names :func:`~flowtransfer.methods.build_method` accepts."""
+    from flowtransfer.methods.base import METHODS, _import_builtin_methods
+
+    _import_builtin_methods()
+    return frozenset(METHODS)
 
 
 def main_metrics(task: str) -> list[str]:
@@ -143,21 +258,159 @@ def _fit(method: Any, train: MultimodalDataset, valid: MultimodalDataset, valid_
 
     ``valid`` is the complete validation split; ``valid_mask`` (or None) the presence mask under
     which methods that train with missing modalities are selected. A ``complete`` stage always
-    selects on complete validation data."""
-    train_cfg = dict(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        early_stop_patience=cfg.early_stop_patience, grad_clip_norm=cfg.grad_clip_norm,
-        monitor=_monitor(train.task), seed=seed, progress=cfg.progress,
-        max_steps_per_epoch=cfg.max_steps_per_epoch,
-    )
+    selects on complete validation data. With ``cfg.resume`` every stage continues from its last
+    complete checkpoint (a finished stage only reloads its best weights)."""
     start = time.perf_counter()
     stages = ["complete", "recovery"] if hasattr(method, "set_stage") else [None]
     for stage in stages:
         if stage is not None:
             method.set_stage(stage)
         stage_valid = valid if stage == "complete" or valid_mask is None else valid.with_mask(valid_mask)
-        Trainer(method, TrainConfig(**train_cfg, checkpoint_dir=str(ckpt / (stage or "single")))).fit(train, stage_valid)
+        train_cfg = cfg.train_config(train.task, seed, checkpoint_dir=str(ckpt / (stage or "single")), resume=cfg.resume)
+        Trainer(method, train_cfg).fit(train, stage_valid)
     return time.perf_counter() - start
+
+
+def load_splits(
+    dataset: str,
+    data: str | None = None,
+    task: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    required: Sequence[str] = SPLITS,
+) -> dict[str, MultimodalDataset]:
+    """Load a registered dataset and check it: the ``required`` splits exist and every split has
+    the training split's modalities, channels, task and class count.
+
+    Raises:
+        flowtransfer.io.InputError: an unreadable or malformed file (the loader's message), a
+            missing split, or splits that disagree (naming both).
+        flowtransfer.data.UnsafePickleError: a pickle that asks for code or absurd allocations.
+    """
+    from flowtransfer.data.mmsa import UnsafePickleError
+
+    kwargs = dict(options or {})
+    if task:
+        kwargs["task"] = task
+    try:
+        splits = load_dataset(dataset, data, **kwargs)
+    except (InputError, UnsafePickleError):
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as err:  # the loaders' messages name the file and the problem
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise InputError(str(message)) from err
+    check_splits(splits, source=f"dataset {dataset!r}" + (f" ({data})" if data else ""), required=required)
+    return splits
+
+
+def data_report(splits: Mapping[str, MultimodalDataset]) -> dict[str, Any]:
+    """Plain data for ``config.json``: per split, its size, the missing rate in the data itself and
+    what the loader found and did about NaN/inf (per modality: counts, slots marked missing, values
+    replaced with 0)."""
+    return {
+        split: {"n": len(ds), "missing_rate": ds.missing_rate(),
+                "nonfinite": {m: dict(r) for m, r in ds.nonfinite.items()}}
+        for split, ds in splits.items()
+    }
+
+
+def build_seeded(name: str, info: DatasetInfo, cfg: ExperimentConfig, seed: int) -> Any:
+    """Build method ``name`` after seeding every generator with ``seed``: its initial weights
+    depend on the seed only, so the same seed builds the same model in ``run`` and ``train``."""
+    seed_everything(seed)
+    options = {"preset": cfg.resolved_preset(), **cfg.method_options.get(name, {})}
+    return build_method(name, info, **options)
+
+
+def _within(ds: MultimodalDataset, mask: np.ndarray) -> np.ndarray:
+    """``mask`` restricted to the slots ``ds`` has; a sample it would leave with nothing keeps its
+    own present modalities (for validation and training masks, which must not drop samples)."""
+    eff = np.asarray(mask, dtype=bool) & ds.mask
+    empty = ~eff.any(axis=1)
+    if empty.any():
+        eff[empty] = ds.mask[empty]
+    return eff
+
+
+def train_method(
+    name: str,
+    train: MultimodalDataset,
+    valid: MultimodalDataset,
+    cfg: ExperimentConfig,
+    seed: int,
+    checkpoint_dir: Path,
+) -> tuple[Any, float]:
+    """Build ``name`` seeded with ``seed`` and train it exactly as :func:`run_experiment` trains
+    that method for that seed (same validation mask); return ``(method, seconds)``."""
+    method = build_seeded(name, DatasetInfo.from_dataset(train), cfg, seed)
+    valid_mask = None
+    if name not in COMPLETE_DATA_METHODS and cfg.train_eta is None:
+        valid_mask = _within(valid, random_missing_mask(len(valid), valid.modalities, cfg.valid_missing_rate,
+                                                        seed=seed + VALID_MASK_SEED_OFFSET))
+    seconds = _fit(method, train, valid, valid_mask, cfg, seed, checkpoint_dir)
+    return method, seconds
+
+
+def check_compatible(info: DatasetInfo, ds: MultimodalDataset, what: str = "the model") -> None:
+    """Raise :class:`~flowtransfer.io.InputError` unless ``ds`` has the modalities, channels, task
+    and class count ``info`` describes."""
+    if tuple(ds.modalities) != tuple(info.modalities):
+        raise InputError(f"{what} was trained on modalities {list(info.modalities)}; the data has {list(ds.modalities)}")
+    if dict(ds.input_dims) != dict(info.input_dims):
+        raise InputError(f"{what} expects channels {dict(info.input_dims)}; the data has {dict(ds.input_dims)}")
+    if ds.task != info.task:
+        raise InputError(f"{what} is a {info.task} model; the data is loaded as a {ds.task} task")
+    if ds.num_classes != info.num_classes:
+        raise InputError(f"{what} predicts {info.num_classes} classes; the data has {ds.num_classes}")
+
+
+def _setting_view(test: MultimodalDataset, mask: np.ndarray) -> tuple[MultimodalDataset | None, np.ndarray, int]:
+    """``test`` under a setting's ``mask`` intersected with the data's own mask.
+
+    Returns ``(dataset, effective mask, left out)``: samples left with no modality are left out
+    (``dataset`` is None when that is every sample)."""
+    eff = np.asarray(mask, dtype=bool) & test.mask
+    keep = eff.any(axis=1)
+    if keep.all():
+        return test.with_mask(eff), eff, 0
+    if not keep.any():
+        return None, eff[keep], len(test)
+    rows = np.flatnonzero(keep)
+    return test.subset(rows).with_mask(eff[keep]), eff[keep], int((~keep).sum())
+
+
+def evaluate_method(
+    method: Any,
+    name: str,
+    dataset: str,
+    test: MultimodalDataset,
+    masks: Mapping[str, np.ndarray],
+    seed: int,
+    train_seconds: float | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One result row per setting: task metrics of ``method`` on ``test`` under each mask, and
+    recovery distances where something is missing (``setting name -> (N, M) mask``).
+
+    Test data that lacks modalities itself is handled: see :func:`_setting_view`; the recovery
+    distances use the samples that have every modality (real features are needed where the
+    setting removes one)."""
+    complete_rows = np.flatnonzero(test.mask.all(axis=1))
+    rows: list[dict[str, Any]] = []
+    for setting, mask in tqdm(list(masks.items()), desc=f"evaluate {name}", disable=not progress, leave=False):
+        view, eff, left_out = _setting_view(test, mask)
+        if view is None:
+            log(f"[seed {seed}] {name}: setting {setting} leaves no test sample with a modality; skipped")
+            continue
+        metrics = evaluate(method, view)
+        if len(complete_rows) == len(test):
+            metrics.update(recovery_distances(method, test, eff))
+        elif len(complete_rows):
+            metrics.update(recovery_distances(method, test.subset(complete_rows), np.asarray(mask, bool)[complete_rows]))
+        extra = {"samples_without_input": left_out} if left_out else {}
+        rows.append(result_row(name, dataset, setting, seed, metrics, realised_missing_rate=float(1.0 - eff.mean()),
+                               train_seconds=train_seconds, **extra))
+    return rows
 
 
 def _training_key(method: Any, complete_selection: bool) -> str | None:
@@ -253,24 +506,34 @@ def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run ``cfg``; write every output into ``cfg.out``; return the result rows.
 
+    Every setting, the data and the output folder are checked before any training starts.
     Under ``torchrun`` (after :func:`flowtransfer.training.init_distributed`) every process trains
     its share of each epoch through DDP and evaluates identically; only the main process logs and
     writes files.
+
+    Raises:
+        flowtransfer.io.InputError: a bad setting, a missing or inconsistent split, or an output
+            folder that cannot be written.
     """
+    cfg.validate()
     main_process = is_main_process()
     if not main_process:
         log = lambda _message: None  # noqa: E731
     out = Path(cfg.out)
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", asdict(cfg))
-    splits = load_dataset(cfg.dataset, cfg.data, **({"task": cfg.task} if cfg.task else {}), **cfg.dataset_options)
+        ensure_writable_dir(out)
+        clean_stale_temp_files(out, recursive=True)  # left by a killed run
+    splits = load_splits(cfg.dataset, cfg.data, cfg.task, cfg.dataset_options)
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     modalities = train.modalities
+    for line in nonfinite_lines(splits):
+        log(f"data: {line}")
+    if main_process:
+        atomic_write_json(out / "config.json", {**asdict(cfg), "data": data_report(splits)})
     if cfg.train_eta is not None:
         scarce = cfg.train_eta_modality or modalities[-1]
-        train = train.with_mask(training_missing_mask(len(train), modalities, cfg.train_eta, scarce, seed=0))
-        valid = valid.with_mask(training_missing_mask(len(valid), modalities, cfg.train_eta, scarce, seed=1))
+        train = train.with_mask(_within(train, training_missing_mask(len(train), modalities, cfg.train_eta, scarce, seed=0)))
+        valid = valid.with_mask(_within(valid, training_missing_mask(len(valid), modalities, cfg.train_eta, scarce, seed=1)))
         log(f"training setting: only {cfg.train_eta:.0%} of training and validation samples have {scarce}")
     info = DatasetInfo.from_dataset(train)
     settings: list[MissingSetting] = evaluation_settings(modalities, cfg.rates, patterns=cfg.patterns)
@@ -283,14 +546,13 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         masks = {s.name: s.mask(len(test), seed) for s in settings}
         if main_process:
             save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
-        valid_mask = random_missing_mask(len(valid), modalities, cfg.valid_missing_rate, seed=seed + 104729)
+        valid_mask: np.ndarray | None = _within(valid, random_missing_mask(
+            len(valid), modalities, cfg.valid_missing_rate, seed=seed + VALID_MASK_SEED_OFFSET))
         if cfg.train_eta is not None:
             valid_mask = None  # the validation split already carries the training setting's mask
         trained: dict[str, tuple[str, dict[str, Tensor]]] = {}  # training key -> (method, weights)
         for name in cfg.methods:
-            torch.manual_seed(seed)
-            options = {"preset": cfg.resolved_preset(), **cfg.method_options.get(name, {})}
-            method = build_method(name, info, **options)
+            method = build_seeded(name, info, cfg, seed)
             sel_mask = None if name in COMPLETE_DATA_METHODS else valid_mask
             key = _training_key(method, sel_mask is None)
             if key is not None and key in trained:
@@ -300,19 +562,14 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                 log(f"[seed {seed}] {name}: the same network, data, selection and seed as {twin}; "
                     f"its trained weights are reused")
             else:
-                log(f"[seed {seed}] training {name} ...")
+                log(f"[seed {seed}] {'resuming' if cfg.resume else 'training'} {name} ...")
                 seconds = _fit(method, train, valid, sel_mask, cfg, seed, out / "checkpoints" / name / f"seed{seed}")
                 if key is not None:
                     trained[key] = (name, {k: v.detach().clone() for k, v in method.state_dict().items()})
             method.eval()
-            evals = [("complete", np.ones((len(test), len(modalities)), dtype=bool), 0.0)]
-            if name not in BOUND_METHODS:
-                evals = [(s.name, masks[s.name], float(1.0 - masks[s.name].mean())) for s in settings]
-            for setting, mask, rate in tqdm(evals, desc=f"evaluate {name}", disable=not cfg.progress, leave=False):
-                metrics = evaluate(method, test.with_mask(mask))
-                metrics.update(recovery_distances(method, test, mask))
-                rows.append(result_row(name, cfg.dataset, setting, seed, metrics, realised_missing_rate=rate,
-                                       train_seconds=seconds))
+            evals = {"complete": np.ones((len(test), len(modalities)), dtype=bool)} if name in BOUND_METHODS else masks
+            rows += evaluate_method(method, name, cfg.dataset, test, evals, seed, train_seconds=seconds,
+                                    progress=cfg.progress, log=log)
             if main_process:
                 write_results(rows, out)
             if seconds:
