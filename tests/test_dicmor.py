@@ -482,11 +482,13 @@ def test_simulate_missing_per_sample():
         simulate_missing(b, rate=1.5)
 
 
-def test_paper_clamps_latents_to_the_prior_range_before_the_inverse() -> None:
-    """A source latent far outside the prior is clamped to k prior-sigmas before the target's
-    inverse flow (paper: k = 6); the official variant, as released, does not clamp."""
+def test_latent_clamp_option_clamps_to_the_prior_range_before_the_inverse() -> None:
+    """With ``latent_clamp=k`` a source latent far outside the prior is clamped to k prior-sigmas
+    before the target's inverse flow; off by default in both variants (the paper's spline flows are
+    bounded by construction; the official variant, as released, does not clamp)."""
     ds = make_ds({"A": (3, 4), "B": (5, 4)}, n=8)
-    paper = DiCMoR(DatasetInfo.from_dataset(ds), preset="small", **TINY)
+    assert DiCMoR(DatasetInfo.from_dataset(ds), preset="small", **TINY)._r.latent_clamp == 0.0
+    paper = DiCMoR(DatasetInfo.from_dataset(ds), preset="small", latent_clamp=6.0, **TINY)
     assert paper._r.latent_clamp == 6.0
     z = torch.full((2, paper.d, 4), 1e4)
     clamped = paper._clamp_latent(z)
@@ -496,3 +498,46 @@ def test_paper_clamps_latents_to_the_prior_range_before_the_inverse() -> None:
     torch.testing.assert_close(paper._clamp_latent(inside), inside)
     official = DiCMoR(DatasetInfo.from_dataset(ds), preset="small", variant="official", **TINY)
     assert official._clamp_latent(z) is z
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_flow_designs_of_the_variants(variant) -> None:
+    """paper: bounded spline flows (data-end ActNorm, permutations) with a finite certificate;
+    official: the released affine couplings with Glow's sigmoid, no mixing, no bound."""
+    from flowtransfer.flows import AffineCoupling, RationalQuadraticCoupling
+
+    ds = make_ds({"A": (3, 4), "B": (5, 4)}, n=8)
+    model = DiCMoR(DatasetInfo.from_dataset(ds), preset="small", variant=variant, **TINY)
+    for flow in model.flows.values():
+        couplings = [s.coupling for s in flow.steps]
+        cert = float(flow.inverse_bound(6.0).max())
+        if variant == "paper":
+            assert all(isinstance(c, RationalQuadraticCoupling) for c in couplings)
+            assert flow.config["mixing"] == "permutation" and flow.config["actnorm"] == "input"
+            assert math.isfinite(cert)
+        else:
+            assert all(isinstance(c, AffineCoupling) and c.scale == "sigmoid" and c.kernel_size == 1 for c in couplings)
+            assert all(len(s.layers) == 1 for s in flow.steps) and cert == math.inf
+    with pytest.raises(ValueError, match="flow_coupling='affine'"):
+        DiCMoR(DatasetInfo.from_dataset(ds), preset="small", flow_scale="sigmoid", **TINY)
+
+
+def test_selection_veto_refuses_exploding_recoveries_and_the_trainer_never_selects_them() -> None:
+    from flowtransfer.training import TrainConfig, Trainer
+
+    ds = make_ds({"A": (3, 4), "B": (5, 4)}, n=16)
+    model = DiCMoR(DatasetInfo.from_dataset(ds), preset="small", variant="official", **TINY)
+    assert model.selection_veto(ds) is None
+    # sabotage the target flows' inverse: Glow's sigmoid scale driven to ~0 divides by ~1e-30
+    with torch.no_grad():
+        for flow in model.flows.values():
+            for step in flow.steps:
+                step.coupling.net[-1].bias.fill_(-70.0)
+    reason = model.selection_veto(ds)
+    assert reason is not None and ("non-finite" in reason or "x the real" in reason)
+    # the trainer consults the hook after every validation pass and never selects a vetoed epoch
+    model = DiCMoR(DatasetInfo.from_dataset(ds), preset="small", variant="official", **TINY)
+    model.selection_veto = lambda dataset: "recovered validation features reach 1e18"
+    trainer = Trainer(model, TrainConfig(epochs=1, batch_size=8, lr=1e-12, monitor="mae", progress=False))
+    with pytest.raises(RuntimeError, match="vetoed every one"):
+        trainer.fit(ds, make_ds({"A": (3, 4), "B": (5, 4)}, n=8, seed=1))

@@ -84,6 +84,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -170,6 +171,20 @@ def _config_from(config: DiCMoRConfig | Mapping[str, Any] | str | None, preset: 
     return replace(config, **overrides) if overrides else config
 
 
+def flow_design(r: DiCMoRConfig) -> dict[str, Any]:
+    """:class:`~flowtransfer.flows.TemporalFlow` keyword arguments of a resolved configuration
+    (official: the released flow, couplings only with Glow's sigmoid scale; paper: the bounded
+    spline design)."""
+    options: dict[str, Any] = {"coupling": r.flow_coupling,
+                               "mixing": None if r.flow_mixing == "none" else r.flow_mixing,
+                               "actnorm": None if r.flow_actnorm == "none" else r.flow_actnorm}
+    if r.flow_coupling == "spline":
+        options.update(num_bins=r.flow_bins, tail_bound=r.flow_tail_bound)
+    elif r.flow_coupling == "affine":
+        options.update(scale=r.flow_scale)
+    return options
+
+
 @register_method("dicmor")
 class DiCMoR(Method):
     """DiCMoR over any ``M >= 2`` named modalities (see the module docstring).
@@ -213,17 +228,8 @@ class DiCMoR(Method):
         self.extractors = ModalityExtractors(self.info.input_dims, d, r.extractor_kernel, r.target_length,
                                              encoders=text_encoders_for(r, mods))
         self.prior = ClassConditionalGaussian(d, self.info.prior_classes)
-        official = r.variant == "official"
-        if official and r.flow_kernel == 1 and r.flow_scale == "sigmoid":
-            # the released flow: couplings only, pointwise networks, Glow's sigmoid scale
-            flows = {m: TemporalFlow.dicmor_official(d, r.flow_layers, r.flow_hidden, prior=self.prior) for m in mods}
-        else:
-            flows = {
-                m: TemporalFlow(d, r.flow_layers, r.flow_hidden, r.flow_kernel, actnorm=not official,
-                                mixing=None if official else "conv1x1", scale=r.flow_scale, prior=self.prior)
-                for m in mods
-            }
-        self.flows = nn.ModuleDict(flows)
+        self.flows = nn.ModuleDict({m: TemporalFlow(d, r.flow_layers, r.flow_hidden, r.flow_kernel,
+                                                    prior=self.prior, **flow_design(r)) for m in mods})
         self.combiners = nn.ModuleDict()
         if r.combine == "conv" and len(mods) >= 3:
             self.combiners.update({m: nn.Conv1d((len(mods) - 1) * d, d, 1) for m in mods})
@@ -413,6 +419,53 @@ class DiCMoR(Method):
         h = self._extract(batch)
         nan = torch.full((), float("nan"))
         return {m: torch.where(batch.mask[:, j, None, None], h[m], nan.to(h[m])) for j, m in enumerate(self.modalities)}
+
+    #: a checkpoint whose recovered validation features exceed this many times the real features'
+    #: largest absolute value (or are non-finite) is never selected (see :meth:`selection_veto`)
+    veto_ratio: float = 10.0
+
+    def selection_veto(self, dataset: Any, batch_size: int = 256) -> str | None:
+        """Why this epoch's weights must not be selected, or ``None``; called by the trainer after
+        each validation pass. Recovers every modality of the validation samples from the others
+        (each sample loses one modality, chosen by a fixed seed, so every epoch sees the same
+        masks) and refuses non-finite recoveries or ones beyond :attr:`veto_ratio` times the real
+        features' largest absolute value."""
+        gen = torch.Generator().manual_seed(0)
+        worst, scale, bad = 0.0, 0.0, 0
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(dataset), batch_size):
+                    batch = dataset.batch(np.arange(start, min(start + batch_size, len(dataset))))
+                    batch = batch.to(next(self.parameters()).device) if hasattr(batch, "to") else batch
+                    present = batch.mask
+                    drop = torch.multinomial(present.float() + 1e-9, 1, generator=gen.manual_seed(start)).squeeze(1)
+                    keep = present.clone()
+                    keep[torch.arange(len(keep)), drop] = False
+                    keep |= ~keep.any(1, keepdim=True) & present  # a sample with one modality keeps it
+                    if not bool((present & ~keep).any()):
+                        continue
+                    real = self.encode(batch)
+                    rec = self.recover(simulate_missing(batch, pattern=keep))
+                    for m, x in rec.items():
+                        j = self.modalities.index(m)
+                        rows = (present[:, j] & ~keep[:, j]).nonzero().squeeze(1)
+                        if rows.numel() == 0:
+                            continue
+                        r = x.index_select(0, rows)
+                        bad += int((~torch.isfinite(r)).flatten(1).any(1).sum())
+                        finite = r[torch.isfinite(r)]
+                        if finite.numel():
+                            worst = max(worst, float(finite.abs().max()))
+                        scale = max(scale, float(real[m].index_select(0, rows).abs().max()))
+        finally:
+            self.train(was)
+        if bad:
+            return f"{bad} recovered validation samples are non-finite"
+        if scale > 0 and worst > self.veto_ratio * scale:
+            return f"recovered validation features reach {worst:.3g}, {worst / scale:.3g}x the real features' largest |value| {scale:.3g}"
+        return None
 
     def recover(self, batch: Batch, refine: bool = True) -> dict[str, Tensor]:
         """Recovered features ``{m: (B, d, T)}`` for every modality absent in some sample.

@@ -21,10 +21,14 @@ Variant-dependent choices default to ``None`` and are resolved by :meth:`DiCMoRC
 ============================  ===========================  ===============================
 choice                        ``paper`` (default)          ``official`` (released code)
 ============================  ===========================  ===============================
-flow steps                    actnorm, LU 1x1 conv,        couplings only
-                              coupling
+flow steps                    one ActNorm at the data end, couplings only
+                              then permutation + coupling
+coupling                      rational-quadratic spline    affine
+                              (4 bins, identity tails
+                              outside [-5, 5])
 coupling kernel               3 (temporal context)         1 (per time step)
-coupling scale                soft-clamped exp             Glow ``sigmoid(h + 2)``
+coupling scale                (spline: none)               Glow ``sigmoid(h + 2)``
+latent clamp                  off (the flow is bounded)    off
 bits/dim clamp ``max(0,.)``   no                           yes
 transfers before refiner      gradients flow               detached
 combining several sources     mean over present sources    concat + 1x1 conv (padded stack)
@@ -76,18 +80,29 @@ class DiCMoRConfig:
         target_length: common sequence length; ``None`` takes the shortest modality's length.
         flow_layers, flow_hidden: coupling steps per flow and width of their networks.
         flow_kernel: coupling-network kernel; ``None``: 3 (paper) or 1 (official).
-        flow_scale: coupling scale (``"sigmoid"``, ``"softclamp"``, ``"additive"``); ``None``: Glow's
-            sigmoid (official) or the soft-clamped exp (paper), whose inverse cannot blow up: the
-            transfer runs the target flow backwards, the direction the sigmoid scale leaves unbounded.
+        flow_coupling: ``"spline"``, ``"affine"``, ``"additive"`` (see
+            :class:`~flowtransfer.flows.TemporalFlow`); ``None``: the spline (paper) or affine (official).
+            A transfer runs the target flow *backwards* on another modality's latent: the spline's
+            inverse is bounded by construction (``|x| <= max(|z|, B)`` per coupling, so the
+            recovered features stay within ``max(R, B) e^{-l} + |b|`` of the data-end ActNorm for
+            latents in the prior's box of radius ``R``), while the affine couplings' inverse is
+            unbounded (seen: 2.4e18 with 32 soft-clamped steps on MOSI).
+        flow_scale: affine coupling scale (``"sigmoid"``, ``"softclamp"``, ``"additive"``); ``None``:
+            Glow's sigmoid (official) or the soft-clamped exp (paper with ``flow_coupling="affine"``).
+            Not used by the spline.
+        flow_bins, flow_tail_bound: the spline's bins and tail bound ``B``.
+        flow_mixing: channel mixing between couplings; ``None``: ``"permutation"`` (paper) or none
+            (official: the first half of the channels is never transformed).
+        flow_actnorm: ``"input"``, ``"every"`` or ``"none"``; ``None``: ``"input"`` (paper) or
+            ``"none"`` (official).
         refiner_blocks, refiner_hidden, refiner_reduction: the RCAB-1D refiner (METHODS §3).
         combine: ``"mean"`` or ``"conv"`` (see :mod:`flowtransfer.methods.dicmor`); ``None``: by variant.
         detach_transfer: stop gradients between the flows' transfers and the refiner; ``None``: by variant.
         clamp_bpd: ``max(0, bits/dim)`` as the released code; ``None``: by variant.
         latent_clamp: before a transfer's inverse flow, clamp each latent channel to the prior's range
-            ``[min_c(mu_c - k sigma_c), max_c(mu_c + k sigma_c)]`` with this ``k``: a source latent far
-            outside the prior would otherwise be blown up by the target's inverse (seen on AV-MNIST:
-            2 of 3000 recovered samples reached 700x the real scale). ``0`` disables it; ``None``:
-            6 (paper) or 0 (official, as released).
+            ``[min_c(mu_c - k sigma_c), max_c(mu_c + k sigma_c)]`` with this ``k``. It does not bound
+            an unbounded inverse (with affine couplings the exploding latents were inside the
+            clamp); the spline design needs none. ``0`` disables it; ``None``: 0.
         fusion: name for :func:`flowtransfer.models.fusion.build_fusion` (``"mult"``, ``"concat"``, ``"late"``).
         mult: MulT hyperparameters (its ``d`` is replaced by ``d``); ``head_dropout`` is the head's dropout.
         fusion_kwargs: extra keyword arguments for non-MulT fusions.
@@ -118,7 +133,12 @@ class DiCMoRConfig:
     flow_layers: int = 32
     flow_hidden: int = 64
     flow_kernel: int | None = None
+    flow_coupling: str | None = None
     flow_scale: str | None = None
+    flow_bins: int = 4
+    flow_tail_bound: float = 5.0
+    flow_mixing: str | None = None
+    flow_actnorm: str | None = None
     refiner_blocks: int = 20
     refiner_hidden: int = 64
     refiner_reduction: int = 16
@@ -158,6 +178,16 @@ class DiCMoRConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d % 2:
             raise ValueError(f"d must be even (couplings split the channels in halves), got {self.d}")
+        if self.flow_coupling is not None and self.flow_coupling not in ("spline", "affine", "additive"):
+            raise ValueError(f"unknown flow_coupling {self.flow_coupling!r}; expected spline, affine or additive")
+        if self.flow_coupling in ("spline", None) and self.variant == "paper" and self.flow_scale is not None:
+            raise ValueError("flow_scale applies to affine couplings; set flow_coupling='affine' to use it")
+        if self.flow_mixing not in (None, "permutation", "conv1x1", "flip", "none"):
+            raise ValueError(f"unknown flow_mixing {self.flow_mixing!r}")
+        if self.flow_actnorm not in (None, "input", "every", "none"):
+            raise ValueError(f"unknown flow_actnorm {self.flow_actnorm!r}; expected input, every or none")
+        if int(self.flow_bins) < 1 or not self.flow_tail_bound > 0:
+            raise ValueError(f"flow_bins must be >= 1 and flow_tail_bound > 0, got {self.flow_bins}, {self.flow_tail_bound}")
         if self.flow_kernel is not None and (self.flow_kernel < 1 or self.flow_kernel % 2 == 0):
             raise ValueError(f"flow_kernel must be odd and >= 1, got {self.flow_kernel}")
         if self.target_length is not None and self.target_length < 1:
@@ -191,14 +221,21 @@ class DiCMoRConfig:
     def resolved(self) -> DiCMoRConfig:
         """A copy whose variant-dependent ``None`` fields are filled in (table in the module docstring)."""
         official = self.variant == "official"
+        coupling = self.flow_coupling if self.flow_coupling is not None else ("affine" if official else "spline")
+        scale = self.flow_scale
+        if scale is None and coupling == "affine":
+            scale = "sigmoid" if official else "softclamp"
         return replace(
             self,
+            flow_coupling=coupling,
+            flow_mixing=self.flow_mixing if self.flow_mixing is not None else ("none" if official else "permutation"),
+            flow_actnorm=self.flow_actnorm if self.flow_actnorm is not None else ("none" if official else "input"),
             flow_kernel=self.flow_kernel if self.flow_kernel is not None else (1 if official else 3),
-            flow_scale=self.flow_scale if self.flow_scale is not None else ("sigmoid" if official else "softclamp"),
+            flow_scale=scale,
             combine=self.combine if self.combine is not None else ("conv" if official else "mean"),
             detach_transfer=self.detach_transfer if self.detach_transfer is not None else official,
             clamp_bpd=self.clamp_bpd if self.clamp_bpd is not None else official,
-            latent_clamp=self.latent_clamp if self.latent_clamp is not None else (0.0 if official else 6.0),
+            latent_clamp=self.latent_clamp if self.latent_clamp is not None else 0.0,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -578,6 +578,9 @@ class Trainer:
             if epoch_bar is not None:
                 epoch_bar.close()
         if self.best_state is None:
+            vetoes = [r["veto"] for r in self.history if "veto" in r]
+            if self.history and len(vetoes) == len(self.history):
+                raise RuntimeError(f"no epoch could be selected: the method vetoed every one (last: {vetoes[-1]})")
             raise RuntimeError(
                 f"no epoch produced a usable validation score for {cfg.monitor!r} (every score was NaN)"
                 if self.history else "nothing to train: epochs already completed and no best weights were saved"
@@ -621,7 +624,13 @@ class Trainer:
                     f"monitor {cfg.monitor!r} is not among the validation quantities {sorted(valid_record)}"
                 )
             score = float(broadcast_object(float(valid_record[cfg.monitor])))
-            improved = self._improved(score)
+            # a method may refuse to let this epoch be selected (e.g. DiCMoR whose recovered
+            # validation features are non-finite or far outside the real ones): never the best
+            veto_fn = getattr(self.method, "selection_veto", None)
+            veto = broadcast_object(veto_fn(valid_dataset)) if veto_fn is not None else None
+            if veto:
+                valid_record["vetoed"] = 1.0
+            improved = not veto and self._improved(score)
             if improved:
                 self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
                 self.best_state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
@@ -633,6 +642,8 @@ class Trainer:
             record.update({f"train/{k}": v for k, v in train_record.items()})
             record.update({f"valid/{k}": v for k, v in valid_record.items()})
             record.update({"score": score, "improved": improved, "seconds": time.perf_counter() - start})
+            if veto:
+                record["veto"] = str(veto)
             self.history.append(record)
             self.epoch = epoch + 1
             patience = cfg.early_stop_patience
