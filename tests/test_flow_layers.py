@@ -9,6 +9,7 @@ import torch
 from flowtransfer.flows import (
     ActNorm,
     AffineCoupling,
+    RationalQuadraticCoupling,
     ChannelFlip,
     ChannelPermutation,
     FlowStep,
@@ -31,7 +32,12 @@ LAYERS = {
     "coupling-additive-k3": (lambda: AffineCoupling(C, 8, 3, scale="additive"), C, False),
     "coupling-odd-k2": (lambda: AffineCoupling(5, 8, 2, scale="softclamp"), 5, False),
     "coupling-cond": (lambda: AffineCoupling(C, 8, 3, scale="softclamp", cond_channels=COND), C, True),
+    "coupling-affine-bounded-shift": (lambda: AffineCoupling(C, 8, 3, shift_bound=1.5), C, False),
+    "spline-k3": (lambda: RationalQuadraticCoupling(C, 4, 1.5, 8, 3), C, False),
+    "spline-odd-k1": (lambda: RationalQuadraticCoupling(5, 3, 2.0, 8, 1), 5, False),
+    "spline-cond": (lambda: RationalQuadraticCoupling(C, 4, 1.5, 8, 3, cond_channels=COND), C, True),
     "step": (lambda: FlowStep(C, 8, 3), C, False),
+    "step-affine-conv1x1": (lambda: FlowStep(C, 8, 3, coupling="affine", mixing="conv1x1"), C, False),
     "step-cond-sigmoid": (lambda: FlowStep(C, 8, 3, scale="sigmoid", mixing="flip", cond_channels=COND), C, True),
 }
 TS = [1, 3, 7]

@@ -78,10 +78,6 @@ def spline_knots(
     )
 
 
-def _gather(t: Tensor, idx: Tensor) -> Tensor:
-    return t.gather(0, idx.unsqueeze(0)).squeeze(0)
-
-
 def inverse_root(left: Tensor, right: Tensor, h: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
     r"""The bin coordinate :math:`\xi \in [0, 1]` with :math:`g(\xi) = y`, free of cancellation.
 
@@ -107,6 +103,32 @@ def inverse_root(left: Tensor, right: Tensor, h: Tensor, s: Tensor, d0: Tensor, 
     xi = torch.where(pos, 2.0 * c / torch.where(pos, -b - root, -1.0),
                      (-b + root) / torch.where(pos, 1.0, 2.0 * a))
     return xi.clamp(0.0, 1.0)
+
+
+def _bin_table(
+    unnormalized_widths: Tensor,
+    unnormalized_heights: Tensor,
+    unnormalized_derivatives: Tensor,
+    bound: float,
+    min_bin_width: float,
+    min_bin_height: float,
+    min_derivative: float,
+) -> Tensor:
+    """``(3, K+1, ...)``: x-knots, y-knots and derivatives, as :func:`spline_knots` but in one tensor
+    built with one softmax and one cumulative sum for widths and heights together."""
+    k = unnormalized_widths.shape[0]
+    rest = unnormalized_widths.shape[1:]
+    uwh = torch.stack([unnormalized_widths, unnormalized_heights])  # (2, K, ...)
+    mins = torch.tensor([min_bin_width, min_bin_height], dtype=uwh.dtype, device=uwh.device)
+    mins = mins.view(2, *([1] * (uwh.dim() - 1)))
+    frac = mins + (1.0 - mins * k) * torch.softmax(uwh, dim=1)
+    inner_xy = -bound + (2.0 * bound) * torch.cumsum(frac[:, : k - 1], dim=1)  # (2, K-1, ...)
+    shift = math.log(math.expm1(1.0 - min_derivative))
+    inner_d = min_derivative + F.softplus(unnormalized_derivatives + shift)  # (K-1, ...)
+    inner = torch.cat([inner_xy, inner_d.unsqueeze(0)], dim=0)  # (3, K-1, ...)
+    ends = torch.tensor([[-bound, -bound, 1.0], [bound, bound, 1.0]], dtype=uwh.dtype, device=uwh.device)
+    ends = ends.view(2, 3, 1, *([1] * len(rest))).expand(2, 3, 1, *rest)
+    return torch.cat([ends[0], inner, ends[1]], dim=1)
 
 
 def rational_quadratic_spline(
@@ -141,26 +163,25 @@ def rational_quadratic_spline(
             f"spline parameters: expected K widths, K heights and K-1 derivatives, got "
             f"{unnormalized_widths.shape[0]}, {unnormalized_heights.shape[0]}, {unnormalized_derivatives.shape[0]}"
         )
-    xk, yk, dk = spline_knots(unnormalized_widths, unnormalized_heights, unnormalized_derivatives, bound,
-                              min_bin_width, min_bin_height, min_derivative)
+    table = _bin_table(unnormalized_widths, unnormalized_heights, unnormalized_derivatives, bound,
+                       min_bin_width, min_bin_height, min_derivative)
     inside = (inputs >= -bound) & (inputs <= bound)
     v = inputs.clamp(-bound, bound)
     # bin index: how many interior knots lie at or below v (a knot starts its bin), in [0, K-1]
-    search = yk if inverse else xk
-    idx = (v.unsqueeze(0) >= search[1:k]).sum(0)
-    x0, y0 = _gather(xk, idx), _gather(yk, idx)
-    w, h = _gather(xk, idx + 1) - x0, _gather(yk, idx + 1) - y0
-    d0, d1 = _gather(dk, idx), _gather(dk, idx + 1)
+    idx = (v.unsqueeze(0) >= table[1 if inverse else 0, 1:k]).sum(0)
+    # one gather for both ends of the bin of all three rows: (3, 2, ...) = table[r, idx + j]
+    both = torch.stack([idx, idx + 1]).unsqueeze(0).expand(3, 2, *idx.shape)
+    (x0, x1), (y0, y1), (d0, d1) = table.gather(1, both).unbind(0)
+    w, h = x1 - x0, y1 - y0
     s = h / w
-    curv = d0 + d1 - 2.0 * s
     if inverse:
-        xi = inverse_root(v - y0, _gather(yk, idx + 1) - v, h, s, d0, d1)
+        xi = inverse_root(v - y0, y1 - v, h, s, d0, d1)
         out = x0 + xi * w
     else:
         xi = (v - x0) / w
     one_minus = 1.0 - xi
     mix = xi * one_minus
-    den = s + curv * mix
+    den = s + (d0 + d1 - 2.0 * s) * mix
     log_deriv = (2.0 * torch.log(s) + torch.log(d1 * xi * xi + 2.0 * s * mix + d0 * one_minus * one_minus)
                  - 2.0 * torch.log(den))
     if inverse:
@@ -198,7 +219,7 @@ class RationalQuadraticCoupling(Coupling):
     def __init__(
         self,
         channels: int,
-        num_bins: int = 8,
+        num_bins: int = 4,
         tail_bound: float = 5.0,
         hidden: int = 64,
         kernel_size: int = 3,
@@ -263,7 +284,7 @@ def _spline_builder(
     *,
     conditioner: ConditionerFactory | None = None,
     cond_channels: int = 0,
-    num_bins: int = 8,
+    num_bins: int = 4,
     tail_bound: float = 5.0,
     min_bin_width: float = 1e-3,
     min_bin_height: float = 1e-3,

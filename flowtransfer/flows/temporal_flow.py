@@ -208,7 +208,7 @@ Vert_\infty \le R` the output of :meth:`inverse` obeys
         scale, clamp, shift_bound: options of the affine coupling (see
             :class:`~flowtransfer.flows.coupling.AffineCoupling`); giving ``scale`` or ``clamp``
             without ``coupling`` selects the affine coupling.
-        num_bins, tail_bound: options of the spline coupling (defaults 8 and 5.0).
+        num_bins, tail_bound: options of the spline coupling (defaults 4 and 5.0).
         coupling_options: further options for the coupling builder.
         cond_channels: channels of an optional conditioning input ``context`` to the couplings.
         prior: a :class:`ClassConditionalGaussian` to use (and share): the *same* module object is
