@@ -105,32 +105,6 @@ def inverse_root(left: Tensor, right: Tensor, h: Tensor, s: Tensor, d0: Tensor, 
     return xi.clamp(0.0, 1.0)
 
 
-def _bin_table(
-    unnormalized_widths: Tensor,
-    unnormalized_heights: Tensor,
-    unnormalized_derivatives: Tensor,
-    bound: float,
-    min_bin_width: float,
-    min_bin_height: float,
-    min_derivative: float,
-) -> Tensor:
-    """``(3, K+1, ...)``: x-knots, y-knots and derivatives, as :func:`spline_knots` but in one tensor
-    built with one softmax and one cumulative sum for widths and heights together."""
-    k = unnormalized_widths.shape[0]
-    rest = unnormalized_widths.shape[1:]
-    uwh = torch.stack([unnormalized_widths, unnormalized_heights])  # (2, K, ...)
-    mins = torch.tensor([min_bin_width, min_bin_height], dtype=uwh.dtype, device=uwh.device)
-    mins = mins.view(2, *([1] * (uwh.dim() - 1)))
-    frac = mins + (1.0 - mins * k) * torch.softmax(uwh, dim=1)
-    inner_xy = -bound + (2.0 * bound) * torch.cumsum(frac[:, : k - 1], dim=1)  # (2, K-1, ...)
-    shift = math.log(math.expm1(1.0 - min_derivative))
-    inner_d = min_derivative + F.softplus(unnormalized_derivatives + shift)  # (K-1, ...)
-    inner = torch.cat([inner_xy, inner_d.unsqueeze(0)], dim=0)  # (3, K-1, ...)
-    ends = torch.tensor([[-bound, -bound, 1.0], [bound, bound, 1.0]], dtype=uwh.dtype, device=uwh.device)
-    ends = ends.view(2, 3, 1, *([1] * len(rest))).expand(2, 3, 1, *rest)
-    return torch.cat([ends[0], inner, ends[1]], dim=1)
-
-
 def rational_quadratic_spline(
     inputs: Tensor,
     unnormalized_widths: Tensor,
@@ -163,31 +137,59 @@ def rational_quadratic_spline(
             f"spline parameters: expected K widths, K heights and K-1 derivatives, got "
             f"{unnormalized_widths.shape[0]}, {unnormalized_heights.shape[0]}, {unnormalized_derivatives.shape[0]}"
         )
-    table = _bin_table(unnormalized_widths, unnormalized_heights, unnormalized_derivatives, bound,
-                       min_bin_width, min_bin_height, min_derivative)
-    inside = (inputs >= -bound) & (inputs <= bound)
-    v = inputs.clamp(-bound, bound)
+    return _spline(inputs, torch.stack([unnormalized_widths, unnormalized_heights]), unnormalized_derivatives,
+                   bound, inverse, min_bin_width, min_bin_height, min_derivative)
+
+
+def _spline(
+    v_in: Tensor,
+    uwh: Tensor,
+    ud: Tensor,
+    bound: float,
+    inverse: bool,
+    min_bin_width: float,
+    min_bin_height: float,
+    min_derivative: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`rational_quadratic_spline` with widths and heights stacked as ``uwh`` ``(2, K, *S)`` (a
+    view of the conditioner's output in the coupling: no copy)."""
+    k = uwh.shape[1]
+    if k == 1:  # one bin of slope 1 with unit end derivatives: exactly the identity
+        return v_in, torch.zeros_like(v_in)
+    if min_bin_width == min_bin_height:
+        frac = min_bin_width + (1.0 - min_bin_width * k) * torch.softmax(uwh, dim=1)
+    else:
+        mins = torch.tensor([min_bin_width, min_bin_height], dtype=uwh.dtype, device=uwh.device)
+        mins = mins.view(2, *([1] * (uwh.dim() - 1)))
+        frac = mins + (1.0 - mins * k) * torch.softmax(uwh, dim=1)
+    inner = torch.cumsum(frac[:, : k - 1], dim=1).mul_(2.0 * bound).sub_(bound)  # interior knots (2, K-1, *S)
+    ends = inner.new_tensor(bound).expand(2, 1, *inner.shape[2:])
+    knots = torch.cat([-ends, inner, ends], dim=1)  # (2, K+1, *S), the ends exactly -B and B
+    shift = math.log(math.expm1(1.0 - min_derivative))
+    ones = ends[0]  # any (1, *S) plane works as a shape; the values are replaced below
+    derivs = torch.cat([torch.ones_like(ones), F.softplus(ud + shift).add_(min_derivative), torch.ones_like(ones)])
+    inside = (v_in >= -bound) & (v_in <= bound)
+    v = v_in.clamp(-bound, bound)
     # bin index: how many interior knots lie at or below v (a knot starts its bin), in [0, K-1]
-    idx = (v.unsqueeze(0) >= table[1 if inverse else 0, 1:k]).sum(0)
-    # one gather for both ends of the bin of all three rows: (3, 2, ...) = table[r, idx + j]
-    both = torch.stack([idx, idx + 1]).unsqueeze(0).expand(3, 2, *idx.shape)
-    (x0, x1), (y0, y1), (d0, d1) = table.gather(1, both).unbind(0)
+    idx = (v.unsqueeze(0) >= inner[1 if inverse else 0]).sum(0)
+    pair = torch.stack([idx, idx + 1])  # (2, *S): the bin's two knots
+    (x0, x1), (y0, y1) = knots.gather(1, pair.unsqueeze(0).expand(2, *pair.shape)).unbind(0)
+    d0, d1 = derivs.gather(0, pair).unbind(0)
     w, h = x1 - x0, y1 - y0
     s = h / w
     if inverse:
         xi = inverse_root(v - y0, y1 - v, h, s, d0, d1)
-        out = x0 + xi * w
     else:
         xi = (v - x0) / w
     one_minus = 1.0 - xi
     mix = xi * one_minus
     den = s + (d0 + d1 - 2.0 * s) * mix
-    log_deriv = (2.0 * torch.log(s) + torch.log(d1 * xi * xi + 2.0 * s * mix + d0 * one_minus * one_minus)
-                 - 2.0 * torch.log(den))
+    # log g' = log(s^2 [d1 xi^2 + 2 s mix + d0 (1 - xi)^2] / den^2), one logarithm
+    log_deriv = torch.log(s * s * (d1 * xi * xi + 2.0 * s * mix + d0 * one_minus * one_minus) / (den * den))
     if inverse:
-        return torch.where(inside, out, inputs), torch.where(inside, -log_deriv, 0.0)
+        return torch.where(inside, x0 + xi * w, v_in), torch.where(inside, -log_deriv, 0.0)
     out = y0 + h * (s * xi * xi + d0 * mix) / den
-    return torch.where(inside, out, inputs), torch.where(inside, log_deriv, 0.0)
+    return torch.where(inside, out, v_in), torch.where(inside, log_deriv, 0.0)
 
 
 class RationalQuadraticCoupling(Coupling):
@@ -262,11 +264,9 @@ class RationalQuadraticCoupling(Coupling):
 
     def _spline(self, v: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         k = self.num_bins
-        out, logabsdet = rational_quadratic_spline(
-            v, theta[:k], theta[k : 2 * k], theta[2 * k :], self.tail_bound, inverse=inverse,
-            min_bin_width=self.min_bin_width, min_bin_height=self.min_bin_height,
-            min_derivative=self.min_derivative,
-        )
+        uwh = theta[: 2 * k].view(2, k, *theta.shape[1:])  # widths, heights: a view, no copy
+        out, logabsdet = _spline(v, uwh, theta[2 * k :], self.tail_bound, inverse, self.min_bin_width,
+                                 self.min_bin_height, self.min_derivative)
         return out, logabsdet.sum((0, 2))
 
     def elementwise(self, xb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
