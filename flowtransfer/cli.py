@@ -11,18 +11,29 @@ Subcommands::
 ``flowtransfer run`` with no arguments trains DiCMoR on the embedded synthetic data, compares it with
 zero filling and the full-modality bound at MR 0.0 ... 0.7 and every fixed pattern, prints a table
 and writes results and plots to ``runs/latest``.
+
+Every argument and every input file is checked before any work starts. A problem with what the
+user gave (an argument, a data file, a model file, an output path) prints ``error: <message>`` and
+exits with status 2; ``--debug`` shows the traceback instead. Anything else is an internal failure
+and shows its traceback. ``run --resume`` / ``train --resume`` continue an interrupted job (same
+``--out``) from its last complete checkpoints, bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "USER_ERRORS"]
+
+#: most time steps ``check`` feeds each flow (its inputs are 4 x channels x length)
+MAX_CHECK_LENGTH = 4096
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -30,16 +41,42 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in _csv(text))
+    try:
+        return tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(t) for t in _csv(text))
+    try:
+        return tuple(float(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="synthetic",
-                   help="synthetic (embedded default), mmsa, avmnist or npz (default: synthetic)")
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an input error instead of a one-line message")
+
+
+def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "synthetic") -> None:
+    p.add_argument("--dataset", default=dataset_default,
+                   help="synthetic (embedded default), mmsa, avmnist or npz (default: "
+                        f"{dataset_default or 'the one the model was trained on'})")
     p.add_argument("--data", default=None, help="path of the real data (MMSA pickle, AV-MNIST sources, .npz)")
     p.add_argument("--task", choices=["regression", "classification"], default=None,
                    help="task, where the dataset offers both (MMSA, npz)")
@@ -47,17 +84,20 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="model size: small, mosi, mosei (default: small on synthetic, else mosi)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per training stage (default 5)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=_int_at_least(1), default=5, help="epochs per training stage (default 5)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--patience", type=int, default=4, help="early-stopping patience on validation (default 4)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs short (quick runs)")
+    p.add_argument("--patience", type=_int_at_least(1), default=4, help="early-stopping patience on validation (default 4)")
+    p.add_argument("--max-steps-per-epoch", type=_int_at_least(1), default=None, help="cut epochs short (quick runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted job with the same --out from its last complete checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowtransfer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the main job: train and compare methods under missing modalities")
@@ -79,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/model.pt", help="where to save the trained method")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved method on the test split under every setting")
-    _add_data_args(ev)
+    _add_data_args(ev, dataset_default=None)
     ev.add_argument("model", help="a file written by `flowtransfer train`")
     ev.add_argument("--seed", type=int, default=0, help="seed of the test masks (default 0)")
     ev.add_argument("--rates", type=_floats, default=None)
@@ -89,72 +129,145 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--src", required=True)
     tr.add_argument("--dst", required=True)
     tr.add_argument("--input", required=True, help=".npy of shape (batch, channels, time)")
-    tr.add_argument("--output", required=True, help="where to write the recovered .npy")
+    tr.add_argument("--output", required=True, help="where to write the recovered array (.npy format, this exact name)")
     tr.add_argument("--model", default=None, help="a saved CrossModalFlows (default: the shipped model)")
 
     ck = sub.add_parser("check", help="invertibility and log-det checks of every flow in a saved model")
     ck.add_argument("model", nargs="?", default=None,
                     help="a saved CrossModalFlows or method file (default: the shipped transfer model)")
-    ck.add_argument("--length", type=int, default=3, help="sequence length of the check inputs")
+    ck.add_argument("--length", type=_int_at_least(1, MAX_CHECK_LENGTH), default=3,
+                    help=f"sequence length of the check inputs (1 ... {MAX_CHECK_LENGTH}, default 3)")
+    for p in (run, train, ev, tr, ck):
+        _add_common(p)
     return parser
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from flowtransfer.experiment import DEFAULT_METHODS, DEFAULT_RATES, ExperimentConfig, run_experiment
+# ------------------------------------------------------------------------------------------ helpers
 
-    cfg = ExperimentConfig(
-        dataset=args.dataset, data=args.data, task=args.task,
-        methods=args.methods or DEFAULT_METHODS, seeds=args.seeds, rates=args.rates or DEFAULT_RATES,
-        patterns=not args.no_patterns, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, early_stop_patience=args.patience,
-        max_steps_per_epoch=args.max_steps_per_epoch, out=args.out, progress=not args.no_progress,
+
+def _explicit_list(value: tuple[Any, ...] | None, flag: str) -> tuple[Any, ...] | None:
+    """An option given as a comma-separated list must name at least one item (``--seeds ,``)."""
+    from flowtransfer.io import InputError
+
+    if value is not None and len(value) == 0:
+        raise InputError(f"{flag}: no values given (expected a comma-separated list)")
+    return value
+
+
+def _experiment_config(args: argparse.Namespace, **fields: Any) -> Any:
+    from flowtransfer.experiment import ExperimentConfig
+
+    return ExperimentConfig(
+        dataset=args.dataset, data=args.data, task=args.task, preset=args.preset, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        early_stop_patience=args.patience, max_steps_per_epoch=args.max_steps_per_epoch,
+        progress=not args.no_progress, resume=args.resume, **fields,
     )
-    run_experiment(cfg)
+
+
+def _print_data_report(splits: Any, out: Callable[[str], None] = print) -> None:
+    from flowtransfer.data.dataset import nonfinite_lines
+
+    for line in nonfinite_lines(splits):
+        out(f"data: {line}")
+
+
+def _load_method_checked(path: Path) -> tuple[Any, dict[str, Any]]:
+    """A saved method and its file's ``extra`` entry; clear errors for malformed files."""
+    from flowtransfer.io import CheckpointError, check_finite_state, safe_load
+    from flowtransfer.methods.io import load_method
+
+    payload = safe_load(path)  # config sizes checked before anything is built
+    if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("flowtransfer.Method"):
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not a saved flowtransfer method (found {found!r}); "
+                              "`flowtransfer train` writes those")
+    try:
+        method = load_method(path)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        detail = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{path} is a malformed method file: {detail}") from None
+    check_finite_state(method.state_dict(), where=str(path))
+    extra = payload.get("extra") if isinstance(payload.get("extra"), dict) else {}
+    return method, extra
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flowtransfer.experiment import DEFAULT_METHODS, DEFAULT_RATES, run_experiment
+
+    methods = _explicit_list(args.methods, "--methods")
+    rates = _explicit_list(args.rates, "--rates")
+    seeds = _explicit_list(args.seeds, "--seeds")
+    cfg = _experiment_config(
+        args, methods=methods or DEFAULT_METHODS, seeds=seeds, rates=rates or DEFAULT_RATES,
+        patterns=not args.no_patterns, out=args.out,
+    )
+    run_experiment(cfg)  # validates everything before training
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from flowtransfer.data import random_missing_mask
-    from flowtransfer.data.summary import load_dataset
-    from flowtransfer.experiment import COMPLETE_DATA_METHODS, ExperimentConfig, _fit
-    from flowtransfer.methods import DatasetInfo, build_method
+    from flowtransfer.experiment import data_report, load_splits, train_method
+    from flowtransfer.io import clean_stale_temp_files, ensure_writable_file
     from flowtransfer.methods.io import save_method
     from flowtransfer.training import is_main_process
 
-    cfg = ExperimentConfig(dataset=args.dataset, data=args.data, task=args.task, preset=args.preset,
-                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           weight_decay=args.weight_decay, early_stop_patience=args.patience,
-                           max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.no_progress)
-    splits = load_dataset(args.dataset, args.data, **({"task": args.task} if args.task else {}))
-    train, valid = splits["train"], splits["valid"]
-    method = build_method(args.method, DatasetInfo.from_dataset(train), preset=cfg.resolved_preset())
-    valid_mask = None
-    if args.method not in COMPLETE_DATA_METHODS:
-        valid_mask = random_missing_mask(len(valid), valid.modalities, args.valid_missing_rate, seed=args.seed)
+    cfg = _experiment_config(args, methods=(args.method,), seeds=(args.seed,),
+                             valid_missing_rate=args.valid_missing_rate)
+    cfg.validate()
     out = Path(args.out)
-    seconds = _fit(method, train, valid, valid_mask, cfg, args.seed, out.parent / f"{out.stem}_checkpoints")
+    checkpoints = out.parent / f"{out.stem}_checkpoints"
     if is_main_process():
-        save_method(method, out, extra={"dataset": args.dataset, "seed": args.seed, "train_seconds": seconds})
+        ensure_writable_file(out, "--out")
+        clean_stale_temp_files(checkpoints, recursive=True)  # left by a killed training
+    splits = load_splits(args.dataset, args.data, args.task, required=("train", "valid"))
+    if is_main_process():
+        _print_data_report(splits)
+    method, seconds = train_method(args.method, splits["train"], splits["valid"], cfg, args.seed, checkpoints)
+    if is_main_process():
+        extra = {"dataset": args.dataset, "data": None if args.data is None else str(Path(args.data).resolve()),
+                 "task": splits["train"].task, "seed": args.seed, "train_seconds": seconds,
+                 "data_report": data_report(splits)}
+        save_method(method, out, extra=extra)
         print(f"trained {args.method} on {args.dataset} in {seconds:.0f} s; saved to {out}")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from flowtransfer.data import evaluation_settings
-    from flowtransfer.data.summary import load_dataset
-    from flowtransfer.experiment import DEFAULT_RATES, main_metrics, recovery_distances
-    from flowtransfer.methods.io import load_method
-    from flowtransfer.training import evaluate, format_table, result_row, summarise, write_results
+    from flowtransfer.experiment import (
+        DEFAULT_RATES,
+        ExperimentConfig,
+        check_compatible,
+        evaluate_method,
+        load_splits,
+        main_metrics,
+    )
+    from flowtransfer.io import InputError, ensure_writable_dir
+    from flowtransfer.training import format_table, summarise, write_results
 
-    method = load_method(args.model)
-    test = load_dataset(args.dataset, args.data, **({"task": args.task} if args.task else {}))["test"]
-    rows = []
-    for s in evaluation_settings(test.modalities, args.rates or DEFAULT_RATES):
-        mask = s.mask(len(test), args.seed)
-        metrics = evaluate(method, test.with_mask(mask))
-        metrics.update(recovery_distances(method, test, mask))
-        rows.append(result_row(method.name, args.dataset, s.name, args.seed, metrics,
-                               realised_missing_rate=float(1 - mask.mean())))
+    rates = _explicit_list(args.rates, "--rates") or DEFAULT_RATES
+    if args.out:
+        ensure_writable_dir(args.out, "--out folder")
+    method, extra = _load_method_checked(Path(args.model))
+    task = method.info.task  # the model decides the task
+    if args.task is not None and args.task != task:
+        raise InputError(f"--task {args.task} does not match the model, which was trained for {task}")
+    dataset = args.dataset or extra.get("dataset") or "synthetic"
+    data = args.data
+    if data is None and dataset == extra.get("dataset"):
+        data = extra.get("data")
+    ExperimentConfig(dataset=dataset, data=data, task=task, seeds=(args.seed,), rates=rates).validate(train=False)
+    test = load_splits(dataset, data, task, required=("test",))["test"]
+    _print_data_report({"test": test})
+    check_compatible(method.info, test, what=f"the model in {args.model}")
+    masks = {s.name: s.mask(len(test), args.seed) for s in evaluation_settings(test.modalities, rates)}
+    rows = evaluate_method(method, method.name, dataset, test, masks, args.seed)
     shown = [m for m in main_metrics(test.task) + ["fd_recovered"] if any(m in r for r in rows)]
     print(format_table(summarise(rows), metrics=shown))
     if args.out:
@@ -164,31 +277,53 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
     import flowtransfer
+    from flowtransfer.io import InputError, atomic_write_bytes, ensure_writable_file
 
-    x = np.load(args.input, allow_pickle=False)
-    y = flowtransfer.transfer(x.astype(np.float32), src=args.src, dst=args.dst, model=args.model)
-    np.save(args.output, y)
-    print(f"{args.src} {tuple(x.shape)} -> {args.dst} {tuple(y.shape)}: wrote {args.output}")
+    output = ensure_writable_file(args.output, "--output")
+    path = Path(args.input)
+    if not path.is_file():
+        raise InputError(f"--input {path} not found" if not path.exists() else f"--input {path} is not a file")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"cannot read --input {path} as a .npy array (pickled objects are refused): {err}") from None
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"--input {path} is an .npz archive; give one array saved with numpy.save")
+    if x.dtype.kind not in "biuf":
+        raise InputError(f"--input {path} holds {x.dtype} values; expected real numbers")
+    if not np.isfinite(x).all():
+        raise InputError(f"--input {path} holds {int((~np.isfinite(x)).sum())} NaN/inf values")
+    x32 = x.astype(np.float32)
+    if not np.isfinite(x32).all():
+        raise InputError(f"--input {path} holds values beyond the float32 range (largest |x| {float(np.abs(x).max()):.3g})")
+    model = flowtransfer.load(args.model) if args.model else None
+    y = flowtransfer.transfer(x32, src=args.src, dst=args.dst, model=model)
+    buffer = io.BytesIO()
+    np.save(buffer, y)
+    atomic_write_bytes(output, buffer.getvalue())  # exactly --output: no .npy appended
+    print(f"{args.src} {tuple(x.shape)} -> {args.dst} {tuple(y.shape)}: wrote {output}")
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    from flowtransfer.api import default_model_path
-    from flowtransfer.crossmodal import CrossModalFlows
+    from flowtransfer.api import default_model_path, load
     from flowtransfer.flows import TemporalFlow, check_invertibility, check_logdet
-    from flowtransfer.io import safe_load
+    from flowtransfer.io import CheckpointError, safe_load
 
     path = Path(args.model) if args.model else default_model_path()
     payload = safe_load(path)
-    if payload.get("format", "").startswith("flowtransfer.CrossModalFlows"):
-        flows = dict(CrossModalFlows.load(path).flows.items())
-    else:
-        from flowtransfer.methods.io import load_method
-
-        method = load_method(path)
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if not isinstance(fmt, str):
+        raise CheckpointError(f"{path} is not a flowtransfer model file (it has no 'format' entry)")
+    if fmt.startswith("flowtransfer.CrossModalFlows"):
+        flows = dict(load(path).flows.items())
+    elif fmt.startswith("flowtransfer.Method"):
+        method, _ = _load_method_checked(path)
         flows = {name: f for name, f in getattr(method, "flows", {}).items() if isinstance(f, TemporalFlow)}
+    else:
+        raise CheckpointError(f"{path} is a {fmt!r} file; `check` needs a saved CrossModalFlows or method")
     if not flows:
         print(f"{path}: no flows to check")
         return 1
@@ -205,17 +340,54 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# ------------------------------------------------------------------------------------------ entry
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "what you gave cannot be used" (message, exit 2), not a bug."""
+    from flowtransfer.api import NonFiniteOutputError
+    from flowtransfer.crossmodal import ModalityError
+    from flowtransfer.data.mmsa import UnsafePickleError
+    from flowtransfer.io import CheckpointError, InputError
+
+    return (InputError, CheckpointError, UnsafePickleError, ModalityError, NonFiniteOutputError,
+            FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+#: filled on first use (importing them imports torch)
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    return str(err) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Under ``torchrun --nproc_per_node N flowtransfer ...`` (``run``/``train``) the
-    processes join one group and train with DDP; only the main process writes files."""
-    args = build_parser().parse_args(argv)
-    if args.command in ("run", "train"):
-        from flowtransfer.training import init_distributed
+    processes join one group and train with DDP; only the main process writes files.
 
-        init_distributed()
+    Returns 0 on success, 1 when ``check`` finds a failing flow, 2 for a user error (after printing
+    ``error: <message>`` on stderr; ``--debug`` re-raises it instead)."""
+    global USER_ERRORS
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    if not USER_ERRORS:
+        USER_ERRORS = _user_errors()
     handler = {"run": _cmd_run, "train": _cmd_train, "evaluate": _cmd_evaluate,
                "transfer": _cmd_transfer, "check": _cmd_check}[args.command]
-    return handler(args)
+    try:
+        if args.command in ("run", "train"):
+            from flowtransfer.training import init_distributed
+
+            init_distributed()
+        return handler(args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {_message(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

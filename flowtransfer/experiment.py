@@ -562,7 +562,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                 log(f"[seed {seed}] {name}: the same network, data, selection and seed as {twin}; "
                     f"its trained weights are reused")
             else:
-                log(f"[seed {seed}] {'resuming' if cfg.resume else 'training'} {name} ...")
+                note = " (resuming from its last checkpoint, if any)" if cfg.resume else ""
+                log(f"[seed {seed}] training {name}{note} ...")
                 seconds = _fit(method, train, valid, sel_mask, cfg, seed, out / "checkpoints" / name / f"seed{seed}")
                 if key is not None:
                     trained[key] = (name, {k: v.detach().clone() for k, v in method.state_dict().items()})

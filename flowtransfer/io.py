@@ -175,7 +175,10 @@ def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> 
         raise InputError(f"{what} {path} is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{what} {path} exists and is not writable")
-    ensure_writable_dir(path.parent if str(path.parent) else Path("."), what=f"folder of the {what}")
+    try:
+        ensure_writable_dir(path.parent, what="folder")
+    except InputError as err:
+        raise InputError(f"{what} {path} cannot be written: {err}") from None
     return path
 
 
