@@ -33,7 +33,8 @@ and scheduler states, the epoch, best score and epoch, patience counter, history
 rank) and the config as a plain dict; ``last.pt`` also holds the best weights so far. With
 ``resume=True`` a new trainer continues from ``last.pt`` and ends with the same weights as an
 uninterrupted run: each epoch's shuffle comes from a generator seeded by ``(seed, epoch)`` and the
-global RNG states are restored.
+global RNG states are restored. Temporary files that a writer killed between its write and its
+rename left in ``checkpoint_dir`` are removed when ``fit`` starts.
 
 Multi-process (``torchrun``, see :mod:`flowtransfer.training.distributed`): the method is wrapped
 in ``DistributedDataParallel`` through a small module whose ``forward`` calls ``method.loss`` (so
@@ -70,7 +71,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from flowtransfer.io import atomic_save, safe_load
+from flowtransfer.io import atomic_save, clean_stale_temp_files, safe_load
 from flowtransfer.training.distributed import (
     DistributedContext,
     all_gather_objects,
@@ -568,6 +569,8 @@ class Trainer:
             self._sync_from_rank0()
         if self.context.rank > 0:
             seed_everything(derive_seed(cfg.seed, self.context.rank))  # e.g. distinct dropout per rank
+        if self.checkpoint_dir is not None and self.is_main:
+            clean_stale_temp_files(self.checkpoint_dir)  # temp files of a writer killed before its rename
         if cfg.resume:
             self._resume()  # restores weights, optimiser, counters and every RNG state
 
