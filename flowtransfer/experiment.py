@@ -186,6 +186,13 @@ class ExperimentConfig:
                       allow_empty=self.patterns)
         if not self.rates and not self.patterns:
             raise InputError("nothing to evaluate: no missing rates and no fixed patterns")
+        from flowtransfer.data.missing import format_rate
+
+        names: dict[str, Any] = {}
+        for rate in self.rates:
+            other = names.setdefault(format_rate(rate), rate)
+            if other != rate:
+                raise InputError(f"rates {other!r} and {rate!r} are both the setting mr={format_rate(rate)}; give one")
         if not train:
             return
         _check_unique("methods", self.methods, lambda v: isinstance(v, str) and bool(v), "method names")

@@ -269,3 +269,28 @@ def test_load_npz_and_summary_cli(tmp_path, capsys):
     assert "[test] n=12" in out and "acc: C=3 T=25" in out and "0.7->0.5000" in out and "missing in the data: 0.2500" in out
     assert main(["--dataset", "npz"]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_splits_are_checked_against_each_other(tmp_path):
+    from flowtransfer.data import load_npz
+    from flowtransfer.data.dataset import check_splits
+    from flowtransfer.io import InputError
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("valid", 8), ("test", 8)):
+        arrays[f"{split}.acc"] = rng.standard_normal((n, 5, 3))
+        arrays[f"{split}.gyro"] = rng.standard_normal((n, 5, 6))
+        arrays[f"{split}.labels"] = np.arange(n) % 2
+    arrays["test.gyro"] = rng.standard_normal((8, 5, 7))
+    np.savez(tmp_path / "widths.npz", **arrays)
+    with pytest.raises(InputError, match=r"split 'test' has channels \{'acc': 3, 'gyro': 7\}, split 'train' has"):
+        load_npz(tmp_path / "widths.npz")
+    arrays["test.gyro"] = rng.standard_normal((8, 5, 6))
+    np.savez(tmp_path / "ok.npz", **arrays)
+    data = load_npz(tmp_path / "ok.npz")
+    with pytest.raises(InputError, match=r"has no 'valid' split \(it has \['train', 'test'\]\)"):
+        check_splits({"train": data["train"], "test": data["test"]}, required=("train", "valid", "test"))
+    regression = load_npz(tmp_path / "ok.npz", task="regression")["test"]
+    with pytest.raises(InputError, match="split 'test' is a regression task, split 'train' a classification task"):
+        check_splits({"train": data["train"], "test": regression})
