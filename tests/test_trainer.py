@@ -477,3 +477,15 @@ def test_build_optimizer_uses_the_fused_kernel_with_the_reference_update(name):
     for a, b, a0 in zip(nets[0].parameters(), nets[1].parameters(), start):
         assert not torch.allclose(a, a0)  # the optimisers did move the parameters
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_a_malformed_checkpoint_names_it(tmp_path):
+    from flowtransfer.io import CheckpointError, atomic_save
+
+    cfg = TrainConfig(epochs=2, lr=0.1, checkpoint_dir=str(tmp_path), resume=True, **QUIET)
+    atomic_save({"format": "flowtransfer.trainer/1", "method": "PooledLinear"}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*last.pt: missing entry 'state_dict'"):
+        Trainer(PooledLinear(), cfg).fit(make_data(20, 0), make_data(8, 1))
+    atomic_save({"format": "something else"}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="cannot resume: .*is not a trainer checkpoint"):
+        Trainer(PooledLinear(), cfg).fit(make_data(20, 0), make_data(8, 1))

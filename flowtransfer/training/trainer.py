@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from flowtransfer.io import atomic_save, clean_stale_temp_files, safe_load
+from flowtransfer.io import CheckpointError, atomic_save, clean_stale_temp_files, safe_load
 from flowtransfer.training.distributed import (
     DistributedContext,
     all_gather_objects,
@@ -734,7 +734,10 @@ class Trainer:
         if not path.is_file():
             logger.info("resume: %s not found, starting from scratch", path)
             return False
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except ValueError as err:  # not a trainer checkpoint
+            raise CheckpointError(f"cannot resume: {err}") from None
         ignored = {"epochs", "resume", "progress", "checkpoint_dir", "device", "eval_batch_size"}
         saved = state.get("config", {})
         changed = sorted(k for k, v in self.config.to_dict().items() if k not in ignored and saved.get(k, v) != v)
@@ -743,7 +746,13 @@ class Trainer:
                 "resuming %s with changed settings %s: the run will differ from an uninterrupted one",
                 path, {k: (saved[k], getattr(self.config, k)) for k in changed},
             )
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            detail = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
+            raise CheckpointError(
+                f"cannot resume from {path}: {detail} (remove the checkpoint folder to train from scratch)"
+            ) from None
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return True
 
