@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,26 @@ def _torch_reason(err: BaseException) -> str:
     return " ".join(kept) or type(err).__name__
 
 
+def _check_archive_sizes(path: Path) -> None:
+    """Refuse a file that is not a zip-format torch checkpoint, or whose entries claim more bytes
+    than the file holds: torch allocates an entry's (or, in the legacy format, a storage's)
+    declared size before reading it."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a zip-format torch checkpoint (what torch.save writes): {err}"
+        ) from None
+    for info in entries:
+        if info.file_size > size or info.compress_size > size:
+            raise CheckpointError(
+                f"refusing to load {path}: entry {info.filename!r} claims {info.file_size} bytes but the file "
+                f"holds {size}; nothing was allocated"
+            )
+
+
 def safe_load(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", *, check_config: bool = True
 ) -> Any:
@@ -383,14 +404,18 @@ def safe_load(
     With ``check_config`` (default), the ``config`` and ``hparams`` entries of a dict checkpoint
     pass :func:`check_config_limits` before anything is built from them.
 
+    Only zip-format checkpoints (what ``torch.save`` writes) are read, and none whose entries
+    claim more bytes than the file holds.
+
     Raises:
         CheckpointError: the file is missing, truncated, holds anything but tensors and plain
-            Python data (for example a pickled object whose loading would run code), or its
-            configuration asks for absurd sizes.
+            Python data (for example a pickled object whose loading would run code), declares
+            sizes it does not hold, or its configuration asks for absurd sizes.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" if not path.is_dir() else f"{path} is a folder, not a checkpoint file")
+    _check_archive_sizes(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...

@@ -274,6 +274,22 @@ def test_07_checkpoint_configs_range_checked_before_any_module_is_built(tmp_path
                 flowtransfer.load(tmp_path / "bad.pt")
 
 
+def test_07_checkpoint_entries_claiming_more_than_the_file_are_refused(tmp_path) -> None:
+    from flowtransfer.io import safe_load
+
+    blob = bytearray(flowtransfer.default_model_path().read_bytes())
+    entry = blob.index(b"PK\x01\x02")  # first central-directory record: uncompressed size at +24
+    blob[entry + 24: entry + 28] = struct.pack("<I", 0xFFFFFFF0)
+    (tmp_path / "claims.pt").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"claims 4294967280 bytes but the file holds \d+; nothing was allocated"):
+        safe_load(tmp_path / "claims.pt")
+    buffer = io.BytesIO()
+    torch.save({"x": torch.zeros(2)}, buffer, _use_new_zipfile_serialization=False)  # storages sized by the pickle
+    (tmp_path / "legacy.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError, match="not a zip-format torch checkpoint"):
+        safe_load(tmp_path / "legacy.pt")
+
+
 def test_07_transfer_chunks_large_batches(monkeypatch) -> None:
     import flowtransfer.api as api
 
