@@ -43,6 +43,7 @@ __all__ = [
     "safe_load",
     "check_config_limits",
     "check_finite_state",
+    "check_npy_size",
     "clean_stale_temp_files",
     "file_mode",
     "dir_mode",
@@ -351,6 +352,44 @@ def check_finite_state(state_dict: Mapping[str, Any], where: str = "checkpoint")
                 f"{where}: weight {name!r} holds {bad} non-finite values (NaN/inf) of {tensor.numel()}; "
                 "the model cannot give finite outputs"
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# numpy files
+# --------------------------------------------------------------------------------------------------
+
+
+def check_npy_size(fp: Any, available: int, where: str) -> tuple[tuple[int, ...], Any]:
+    """Read the header of the ``.npy`` data at ``fp``'s position and check that the ``available``
+    bytes (header included) hold exactly the array it declares; return ``(shape, dtype)``.
+
+    numpy allocates the declared array before reading its data, so a tiny file whose header
+    claims a huge shape would otherwise allocate gigabytes. ``fp`` is left after the header.
+
+    Raises:
+        InputError: an unreadable header, an object dtype, or a size that does not match.
+    """
+    import numpy as np
+
+    start = fp.tell() if hasattr(fp, "tell") else 0
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise InputError(f"{where}: not a readable .npy array ({err})") from None
+    if dtype.hasobject:
+        raise InputError(f"{where}: holds Python objects (dtype {dtype}), which are refused")
+    header = (fp.tell() if hasattr(fp, "tell") else 0) - start
+    declared = math.prod(shape) * dtype.itemsize
+    if header + declared != available:
+        raise InputError(
+            f"{where}: its header declares shape {tuple(shape)} of {dtype} ({declared} bytes) but it holds "
+            f"{available - header} bytes of data; nothing was allocated"
+        )
+    return tuple(shape), dtype
 
 
 # --------------------------------------------------------------------------------------------------

@@ -290,6 +290,31 @@ def test_07_checkpoint_entries_claiming_more_than_the_file_are_refused(tmp_path)
         safe_load(tmp_path / "legacy.pt")
 
 
+def _npy_claiming(shape: str) -> bytes:
+    """A small .npy whose header claims ``shape`` (padded to the original header length)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 8, 3), np.float32))
+    blob = buffer.getvalue()
+    length = int.from_bytes(blob[8:10], "little")
+    header = blob[10:10 + length].decode("latin1").replace("(2, 8, 3)", shape)
+    return blob[:10] + (header.rstrip()[: length - 1].ljust(length - 1) + "\n").encode("latin1") + blob[10 + length:]
+
+
+def test_07_npy_headers_claiming_huge_arrays_are_refused(tmp_path, capsys) -> None:
+    import zipfile
+
+    from flowtransfer.data import load_npz
+
+    (tmp_path / "huge.npy").write_bytes(_npy_claiming("(99999, 99999, 9)"))
+    rc, _, err = _cli(capsys, "transfer", "--src", "A", "--dst", "L", "--input", str(tmp_path / "huge.npy"),
+                      "--output", str(tmp_path / "out.npy"))
+    assert rc == 2 and "declares shape (99999, 99999, 9) of float32 (359992800036 bytes) but it holds 192" in err
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("train.audio.npy", _npy_claiming("(99999, 99999, 9)"))
+    with pytest.raises(InputError, match=r"huge.npz \[train.audio\]: its header declares .* nothing was allocated"):
+        load_npz(tmp_path / "huge.npz")
+
+
 def test_07_transfer_chunks_large_batches(monkeypatch) -> None:
     import flowtransfer.api as api
 

@@ -102,6 +102,8 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+#: the largest idx file read (decompressed); MNIST's 60k training images are 47 MB
+MAX_IDX_BYTES = 1 << 30
 _WAV_NAME = re.compile(r"^([0-9])_([A-Za-z]+)_([0-9]+)\.wav$")
 
 
@@ -119,7 +121,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: no such file.
-        IdxFormatError: anything malformed, with the path and what was expected.
+        IdxFormatError: anything malformed, with the path and what was expected, or a file that
+            decompresses to more than :data:`MAX_IDX_BYTES` (read no further than that).
     """
     path = Path(path)
     if not path.is_file():
@@ -127,9 +130,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+                raw = stream.read(MAX_IDX_BYTES + 1)  # never more than the cap, whatever the stream expands to
         except (OSError, EOFError) as err:
             raise IdxFormatError(f"{path}: corrupt gzip stream ({err})") from err
+        if len(raw) > MAX_IDX_BYTES:
+            raise IdxFormatError(f"{path}: decompresses to more than {MAX_IDX_BYTES} bytes; not an MNIST file")
     if len(raw) < 4:
         raise IdxFormatError(f"{path}: {len(raw)} bytes, too short for an idx header")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:

@@ -743,6 +743,28 @@ def nonfinite_lines(splits: Mapping[str, MultimodalDataset]) -> list[str]:
     return lines
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """Every member of an ``.npz`` must hold exactly the array its header declares, checked
+    before numpy allocates it (a tiny archive could otherwise declare a huge shape)."""
+    import zipfile
+
+    from flowtransfer.io import check_npy_size
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"cannot read {path} as an .npz archive ({type(err).__name__}: {err})") from err
+    with archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            try:
+                with archive.open(info) as member:
+                    check_npy_size(member, info.file_size, f"{path} [{info.filename[:-4]}]")
+            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as err:
+                raise ValueError(f"cannot read {path} as an .npz archive ({type(err).__name__}: {err})") from err
+
+
 def load_npz(
     path: str | os.PathLike,
     task: str | None = None,
@@ -771,6 +793,7 @@ def load_npz(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz data file not found: {path}")
+    _check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
