@@ -114,7 +114,8 @@ def test_cli_transfer_with_default_model(tmp_path) -> None:
 def test_cli_check_default_model(capsys) -> None:
     assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASSED") == 6 and "all checks passed" in out
+    # three flows x (invertibility, log-det, inverse stability)
+    assert out.count("PASSED") == 9 and out.count("inverse stability PASSED") == 3 and "all checks passed" in out
 
 
 def test_torchrun_two_processes_train_dicmor(tmp_path) -> None:
