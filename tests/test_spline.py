@@ -119,10 +119,10 @@ def test_inverse_root_has_no_cancellation():
 
 def test_float32_round_trip_for_moderate_parameters():
     uw, uh, ud = params((4000,), scale=0.7, seed=2, dtype=torch.float32)
-    x = torch.randn(4000) * 2
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(9)) * 2
     y, ld = rational_quadratic_spline(x, uw, uh, ud, B)
     x_back, ld_inv = rational_quadratic_spline(y, uw, uh, ud, B, inverse=True)
-    assert float((x_back - x).abs().max()) < 2e-5
+    assert float((x_back - x).abs().max()) < 2e-4  # worst over 50 input draws: 6.7e-5 (ill-conditioned bins)
     assert float((ld + ld_inv).abs().max()) < 1e-4
 
 
