@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,40 +116,103 @@ def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * _keep_mask(x.shape, p, x.dtype, x.device).mul_(_keep_scale(p))
 
 
+class _WeightsTimesValues(torch.autograd.Function):
+    r"""``w @ vt^T`` for attention weights ``w`` ``(N, T_q, T_k)`` and **transposed** values ``vt``
+    ``(N, e, T_k)``: ``(N, T_q, e)``, with a backward that keeps every product in the form the CPU
+    BLAS runs fast at head widths of 4 or 8 and returns contiguous gradients:
+    :math:`\partial w = g\,vt` and :math:`\partial vt = g^\top w`. (Autograd's own rule would compute
+    :math:`w^\top g` on an ``(T_q, e)`` row-major right operand, 2-3 times slower, or, for the
+    transposed product, hand softmax's backward a transposed gradient that it copies.) The backward is
+    built from differentiable ops, so double backward works."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, vt: Tensor) -> Tensor:
+        ctx.save_for_backward(w, vt)
+        return torch.bmm(w, vt.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        w, vt = ctx.saved_tensors
+        gw = torch.bmm(g, vt) if ctx.needs_input_grad[0] else None
+        gvt = torch.bmm(g.transpose(1, 2).contiguous(), w) if ctx.needs_input_grad[1] else None
+        return gw, gvt
+
+
+def _attend(w: Tensor, vt: Tensor) -> Tensor:
+    """``(N, H, T_q, T_k)`` weights times ``(N, H, e, T_k)`` transposed values: ``(N, H, T_q, e)``."""
+    n, h, tq, tk = w.shape
+    out = _WeightsTimesValues.apply(w.reshape(n * h, tq, tk), vt.flatten(0, 1))
+    return out.view(n, h, tq, vt.shape[2])
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
                p: float | Sequence[float], training: bool) -> Tensor:
-    """Multi-head attention on ``(N, H, T, e)`` tensors, ``N = P * B`` for ``P`` stacked streams.
+    """Multi-head attention on ``(N, H, T, e)`` queries, keys and values: :func:`_attention_t` on
+    transposed views of ``k`` and ``v``."""
+    return _attention_t(q, k.transpose(-1, -2), v.transpose(-1, -2), mask, is_causal, p, training)
 
-    ``p`` is the attention-weight dropout, one float or one per stream (``len(p) == P``). Without
-    dropout this is ``scaled_dot_product_attention`` (the fused CPU kernel); with it, an explicit
-    softmax, the weights' 0/1 mask (:func:`_keep_mask`), and the inverted-dropout factor applied to
-    the ``(T_q, e)`` output rather than to the ``(T_q, T_k)`` weights (the same product, one pass
-    over the weights fewer).
+
+def _attention_t(q: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, is_causal: bool,
+                 p: float | Sequence[float], training: bool) -> Tensor:
+    """Multi-head attention: queries ``q`` ``(N, H, T_q, e)``, keys and values **transposed**,
+    ``kt``/``vt`` ``(N, H, e, T_k)``; ``N = P * B`` for ``P`` stacked streams. Returns ``(N, H, T_q, e)``.
+
+    ``p`` is the attention-weight dropout, one float or one per stream (``len(p) == P``). The explicit
+    path is a softmax of ``q kt / sqrt(e)``, the weights' 0/1 mask (:func:`_keep_mask`; streams whose
+    ``p`` is 0 draw none), the product with the values (:class:`_WeightsTimesValues`), and the
+    inverted-dropout factor applied to the ``(T_q, e)`` output rather than to the ``(T_q, T_k)``
+    weights (the same product, one pass over the weights fewer). Why the transposed layout: with a
+    head width of 4 or 8 the CPU BLAS is 2-3 times slower on an ``(T, e)`` row-major right operand
+    than on an ``(e, T)`` one; with keys and values transposed, every product of the forward and
+    backward (``S = q kt``, ``dq = dS kt^T``, ``dkt = q^T dS``, ``out = w vt^T``, ``dw = g vt``,
+    ``dvt = g^T w``) takes the fast form. Without dropout on an accelerator this is
+    ``scaled_dot_product_attention`` (fused kernels); on CPU the explicit path is faster than the fused
+    CPU kernel at these head widths.
     """
     ps = [float(p)] if isinstance(p, (int, float)) else [float(x) for x in p]
-    if not training or max(ps) <= 0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
+    thresholds = [_drop_threshold(x) for x in ps] if training else [0]
+    if max(thresholds) == 0 and q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, kt.transpose(-1, -2), vt.transpose(-1, -2),
+                                              attn_mask=mask, is_causal=is_causal)
+    n, h, tq, e = q.shape
+    scores = torch.bmm((q * (e ** -0.5)).flatten(0, 1), kt.flatten(0, 1)).view(n, h, tq, kt.shape[-1])
     if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(tq, kt.shape[-1], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    thresholds = {_drop_threshold(x) for x in ps}
-    if thresholds == {0}:
-        return torch.matmul(weights, v)
-    if len(thresholds) == 1:
+    if max(thresholds) == 0:
+        return _attend(weights, vt)
+    if len(set(thresholds)) == 1:
         keep = _keep_mask(weights.shape, ps[0], weights.dtype, q.device)
-        return torch.matmul(weights * keep, v).mul_(_keep_scale(ps[0]))
-    # per-stream probabilities: one threshold and one factor per stream
+        return _attend(weights * keep, vt).mul_(_keep_scale(ps[0]))
+    # per-stream probabilities: one threshold and one factor per stream, no draws where p is 0
     streams = len(ps)
     grouped = weights.view(streams, -1, *weights.shape[1:])
-    shape = (streams,) + (1,) * (grouped.dim() - 1)
-    probs = torch.tensor(ps, dtype=torch.float64, device=q.device).view(shape)
-    keep = _keep_mask(grouped.shape, probs, weights.dtype, q.device)
-    out = torch.matmul((grouped * keep).view(weights.shape), v)
-    scale = torch.tensor([_keep_scale(x) for x in ps], dtype=v.dtype, device=q.device).view(shape)
+    active = [i for i, k in enumerate(thresholds) if k > 0]
+    draws = _int16_draws((len(active),) + grouped.shape[1:], q.device)
+    keep = torch.empty(grouped.shape, dtype=weights.dtype, device=q.device)
+    for i in range(streams):
+        if thresholds[i]:
+            torch.ge(draws[active.index(i)], thresholds[i] - 32768, out=keep[i])
+        else:
+            keep[i].fill_(1.0)
+    out = _attend((grouped * keep).view(weights.shape), vt)
+    scale = _stream_scales(tuple(ps), vt.dtype, q.device).view((streams,) + (1,) * (grouped.dim() - 1))
     return (out.view(streams, -1, *out.shape[1:]) * scale).view(out.shape)
+
+
+_SCALE_CACHE: dict[tuple, Tensor] = {}
+
+
+def _stream_scales(ps: tuple[float, ...], dtype: torch.dtype, device) -> Tensor:
+    """The inverted-dropout factors of ``ps`` as a cached tensor on ``device`` (no host-to-device
+    copy, hence no synchronisation, per call)."""
+    key = (ps, dtype, str(device))
+    scale = _SCALE_CACHE.get(key)
+    if scale is None:
+        scale = _SCALE_CACHE[key] = torch.tensor([_keep_scale(x) for x in ps], dtype=dtype, device=device)
+    return scale
 
 
 _PE_CACHE: dict[tuple, Tensor] = {}
@@ -189,6 +253,18 @@ def _causal_mask(tq: int, tk: int, device) -> Tensor:
         mask[:, 0] = True  # every query sees at least the first key
         _MASK_CACHE[key] = mask
     return mask
+
+
+_INDEX_CACHE: dict[tuple, Tensor] = {}
+
+
+def _index(ks: Sequence[int], device) -> Tensor:
+    """A cached ``long`` index tensor of ``ks`` on ``device`` (no host-to-device copy per call)."""
+    key = (tuple(ks), str(device))
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        idx = _INDEX_CACHE[key] = torch.tensor(ks, dtype=torch.long, device=device)
+    return idx
 
 
 class _StackedLinear(nn.Module):
@@ -268,15 +344,15 @@ class _StackedLayer(nn.Module):
         n_q = 1 if last_only else tq
         # 4-D (P*B, H, T, e) inputs reach the fused CPU kernel; 5-D ones fall back to the math path
         q = rearrange(q, "p (b t) (h e) -> (p b) h t e", b=batch, h=self.heads, t=n_q)
-        k = rearrange(k, "p (b t) (h e) -> (p b) h t e", b=batch, h=self.heads)
-        v = rearrange(v, "p (b t) (h e) -> (p b) h t e", b=batch, h=self.heads)
+        k = rearrange(k, "p (b t) (h e) -> (p b) h e t", b=batch, h=self.heads)  # transposed: see _attention
+        v = rearrange(v, "p (b t) (h e) -> (p b) h e t", b=batch, h=self.heads)
         mask, is_causal = None, False
         if causal and not last_only:  # the last query step sees every key step anyway
             if tq == tk:
                 is_causal = True
             else:
                 mask = _causal_mask(tq, tk, x.device)
-        a = _attention(q, k, v, mask, is_causal, attn_p, self.training)
+        a = _attention_t(q, k, v, mask, is_causal, attn_p, self.training)
         a = rearrange(a, "(p b) h t e -> p (b t) (h e)", b=batch)
         x = x + _dropout(self.out(a, idx), res_p, self.training)
         h = _dropout(F.relu(self.ff1(self.ln_ff(x, idx), idx)), relu_p, self.training)
@@ -497,34 +573,37 @@ class MulT(nn.Module):
         for k, (t, s) in enumerate(self.directions):
             key = (lengths[self.modalities.index(t)], lengths[self.modalities.index(s)])
             groups.setdefault(key, []).append(k)
+        m = len(self.modalities)
         for ks in groups.values():
             attn_p = [self._dir_attn_p[k] for k in ks]
             if len(ks) == n_dir:
                 idx, tgt, src = None, self._tgt_idx, self._src_idx
             else:
-                idx = torch.tensor(ks, device=self._tgt_idx.device)
+                idx = _index(ks, self._tgt_idx.device)
                 tgt, src = self._tgt_idx[idx], self._src_idx[idx]
             if stacked is not None:
                 x, source = stacked.index_select(0, tgt), stacked.index_select(0, src)
-            else:
-                x = torch.stack([z0[i] for i in tgt.tolist()])
-                source = torch.stack([z0[i] for i in src.tolist()])
+            else:  # host-side indices: no device-to-host copy
+                x = torch.stack([z0[self.modalities.index(self.directions[k][0])] for k in ks])
+                source = torch.stack([z0[self.modalities.index(self.directions[k][1])] for k in ks])
             h = self.crossmodal(x, source, idx, attn_p, self.relu_dropout, self.res_dropout, self.causal)
+            if len(ks) == n_dir:
+                full = h
             for j, k in enumerate(ks):
                 streams[k] = h[j]
-        m = len(self.modalities)
         last = self.pool == "last"
-        per_target = [torch.cat(streams[i * (m - 1):(i + 1) * (m - 1)], dim=-1) for i in range(m)]
         if aligned:
-            mem = self.memory(torch.stack(per_target), None, None, self.attn_dropout,
+            # directions are target-major: (M (M-1), B, T, d) -> (M, B, T, (M-1) d) in one copy
+            per_target = rearrange(full, "(m s) b t d -> m b t (s d)", m=m)
+            mem = self.memory(per_target, None, None, self.attn_dropout,
                               self.relu_dropout, self.res_dropout, self.causal, last)
             pooled = mem[:, :, -1] if last else mem.mean(dim=2)  # (M, B, (M-1)d)
             rep = rearrange(pooled, "m b c -> b (m c)")
         else:
             parts = []
-            for i, x in enumerate(per_target):
-                idx = torch.tensor([i], device=x.device)
-                mem = self.memory(x.unsqueeze(0), None, idx, self.attn_dropout,
+            for i in range(m):
+                x = torch.cat(streams[i * (m - 1):(i + 1) * (m - 1)], dim=-1)
+                mem = self.memory(x.unsqueeze(0), None, _index((i,), x.device), self.attn_dropout,
                                   self.relu_dropout, self.res_dropout, self.causal, last)[0]
                 parts.append(mem[:, -1] if last else mem.mean(dim=1))
             rep = torch.cat(parts, dim=-1)
