@@ -16,7 +16,7 @@ loaders, missing-modality protocols), :mod:`flowtransfer.metrics`, :mod:`flowtra
 
 from __future__ import annotations
 
-from flowtransfer.api import default_model_path, load, transfer
+from flowtransfer.api import NonFiniteOutputError, default_model_path, load, transfer
 from flowtransfer.crossmodal import CrossModalFlows, ModalityError
 from flowtransfer.flows import (
     ClassConditionalGaussian,
@@ -37,6 +37,7 @@ __all__ = [
     "InvertibilityReport",
     "LogdetReport",
     "ModalityError",
+    "NonFiniteOutputError",
     "StabilityReport",
     "TemporalFlow",
     "check_inverse_stability",
