@@ -44,6 +44,7 @@ __all__ = [
     "PointwiseConv1d",
     "TemporalConditioner",
     "apply_conditioner_cm",
+    "resolve_conditioner",
     "temporal_conditioner",
 ]
 
@@ -132,6 +133,19 @@ def temporal_conditioner(hidden: int = 64, kernel_size: int = 3, activation: str
     """A :data:`ConditionerFactory` building :class:`TemporalConditioner` s of these sizes."""
     TemporalConditioner(1, 1, hidden, kernel_size, activation)  # validate the arguments now
     return partial(TemporalConditioner, hidden=hidden, kernel_size=kernel_size, activation=activation)
+
+
+def resolve_conditioner(
+    conditioner: ConditionerFactory | None, hidden: int = 64, kernel_size: int = 3, activation: str = "relu"
+) -> ConditionerFactory:
+    """``conditioner`` itself, or the default :class:`TemporalConditioner` of these sizes when it is
+    ``None``. The sizes only size the default: given with a factory, they are an error (never ignored)."""
+    if conditioner is None:
+        return temporal_conditioner(hidden, kernel_size, activation)
+    if (hidden, kernel_size, activation) != (64, 3, "relu"):
+        raise ValueError("hidden, kernel_size and activation size the default conditioner; "
+                         "leave them at their defaults when a conditioner factory is given")
+    return conditioner
 
 
 def apply_conditioner_cm(net: nn.Module, x: Tensor) -> Tensor:

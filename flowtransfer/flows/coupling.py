@@ -38,6 +38,7 @@ from .conditioner import (
     PointwiseConv1d,
     TemporalConditioner,
     apply_conditioner_cm,
+    resolve_conditioner,
     temporal_conditioner,
 )
 from .layout import ChannelMajorTransform
@@ -216,11 +217,7 @@ class AffineCoupling(Coupling):
             raise ValueError(f"clamp must be > 0, got {clamp}")
         if shift_bound is not None and not (math.isfinite(shift_bound) and shift_bound > 0):
             raise ValueError(f"shift_bound must be a finite number > 0 or None, got {shift_bound}")
-        if conditioner is None:
-            conditioner = temporal_conditioner(hidden, kernel_size, activation)
-        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
-            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
-                             "leave them at their defaults when a conditioner factory is given")
+        conditioner = resolve_conditioner(conditioner, hidden, kernel_size, activation)
         super().__init__(channels, conditioner, cond_channels)
         self.scale = scale
         self.clamp = float(clamp)

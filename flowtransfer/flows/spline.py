@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conditioner import ConditionerFactory, temporal_conditioner
+from .conditioner import ConditionerFactory, resolve_conditioner
 from .coupling import Coupling, register_coupling
 
 __all__ = ["RationalQuadraticCoupling", "inverse_root", "rational_quadratic_spline", "spline_knots"]
@@ -242,11 +242,7 @@ class RationalQuadraticCoupling(Coupling):
                 raise ValueError(f"{name} must be > 0 with num_bins * {name} < 1, got {value} for {num_bins} bins")
         if not 0 < min_derivative < 1:
             raise ValueError(f"min_derivative must lie in (0, 1), got {min_derivative}")
-        if conditioner is None:
-            conditioner = temporal_conditioner(hidden, kernel_size, activation)
-        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
-            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
-                             "leave them at their defaults when a conditioner factory is given")
+        conditioner = resolve_conditioner(conditioner, hidden, kernel_size, activation)
         super().__init__(channels, conditioner, cond_channels)
         self.num_bins = int(num_bins)
         self.tail_bound = float(tail_bound)

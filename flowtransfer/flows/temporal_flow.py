@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import spline as _spline  # noqa: F401  (registers the "spline" coupling)
 from .actnorm import ActNorm
-from .conditioner import ConditionerFactory, temporal_conditioner
+from .conditioner import ConditionerFactory, resolve_conditioner
 from .coupling import CouplingBuilder, build_coupling
 from .layout import ChannelMajorTransform, from_channel_major, to_channel_major
 from .linear import ChannelFlip, ChannelPermutation, InvertibleConv1x1
@@ -120,11 +120,7 @@ class FlowStep(ChannelMajorTransform):
         super().__init__()
         if mixing not in MIXINGS:
             raise ValueError(f"unknown mixing {mixing!r}; choose one of {MIXINGS}")
-        if conditioner is None:
-            conditioner = temporal_conditioner(hidden, kernel_size, activation)
-        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
-            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
-                             "leave them at their defaults when a conditioner factory is given")
+        conditioner = resolve_conditioner(conditioner, hidden, kernel_size, activation)
         kind, options = resolve_coupling(coupling, scale=scale, clamp=clamp, shift_bound=shift_bound,
                                          num_bins=num_bins, tail_bound=tail_bound, options=coupling_options)
         layers: list[Transform] = []
@@ -271,11 +267,7 @@ Vert_\infty \le R` the output of :meth:`inverse` obeys
         kind, options = resolve_coupling(coupling, scale=scale, clamp=clamp, shift_bound=shift_bound,
                                          num_bins=num_bins, tail_bound=tail_bound, options=coupling_options)
         custom_conditioner = conditioner is not None
-        if not custom_conditioner:
-            conditioner = temporal_conditioner(hidden, kernel_size, activation)
-        elif (hidden, kernel_size, activation) != (64, 3, "relu"):
-            raise ValueError("hidden, kernel_size and activation size the default conditioner; "
-                             "leave them at their defaults when a conditioner factory is given")
+        conditioner = resolve_conditioner(conditioner, hidden, kernel_size, activation)
         steps = [
             FlowStep(
                 channels, coupling=kind, conditioner=conditioner, coupling_options=options,
