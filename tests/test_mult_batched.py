@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import flowtransfer.models.mult as mult_module
-from flowtransfer.models.mult import MulT, MulTConfig, _attention, _attention_t, _WeightsTimesValues
+from flowtransfer.models.mult import MulT, MulTConfig, _attention, _attention_t, _ReluDropout, _WeightsTimesValues
 
 MODS = {2: ("L", "A"), 3: ("L", "A", "V")}
 
@@ -145,12 +145,32 @@ def test_weights_times_values_gradcheck_and_double_backward():
     g = torch.Generator().manual_seed(4)
     w = torch.rand(3, 5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
     vt = torch.randn(3, 4, 7, generator=g, dtype=torch.float64).requires_grad_(True)
-    torch.testing.assert_close(_WeightsTimesValues.apply(w, vt), w @ vt.transpose(1, 2), rtol=0, atol=0)
-    assert torch.autograd.gradcheck(_WeightsTimesValues.apply, (w, vt))
-    assert torch.autograd.gradgradcheck(_WeightsTimesValues.apply, (w, vt))
+    keep = (torch.rand(3, 5, 7, generator=g) > 0.3).to(torch.uint8)
+    plain = _WeightsTimesValues.apply(w, None, vt)
+    torch.testing.assert_close(plain, w @ vt.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(_WeightsTimesValues.apply(w, keep, vt), (w * keep) @ vt.transpose(1, 2), rtol=0, atol=0)
+    for mask in (None, keep):
+        fn = lambda a, b, mask=mask: _WeightsTimesValues.apply(a, mask, b)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (w, vt))
+        assert torch.autograd.gradgradcheck(fn, (w, vt))
     # a transposed view as input (the layout _attention hands in) gets the right gradient too
     v = torch.randn(3, 7, 4, generator=g, dtype=torch.float64).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: _WeightsTimesValues.apply(a, b.transpose(1, 2)), (w, v))
+    assert torch.autograd.gradcheck(lambda a, b: _WeightsTimesValues.apply(a, keep, b.transpose(1, 2)), (w, v))
+
+
+def test_relu_dropout_equals_relu_then_mask():
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(4, 6, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    x.data[0, 0, :3] = 0.0  # ReLU's kink: autograd's subgradient there is 0, and so is ours
+    mask = (torch.rand(4, 6, 8, generator=g) > 0.25).to(torch.float64)
+    scale = 1 / 0.75
+    got = _ReluDropout.apply(x, mask * scale, scale)
+    want = F.relu(x) * (mask * scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    w = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), x)[0], torch.autograd.grad((want * w).sum(), x)[0],
+                               rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda a: _ReluDropout.apply(a, mask * scale, scale), (x.detach().clone().requires_grad_(True) + 0.01,))
 
 
 @pytest.mark.parametrize("causal", ["none", "is_causal", "mask"])

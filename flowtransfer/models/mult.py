@@ -116,32 +116,73 @@ def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * _keep_mask(x.shape, p, x.dtype, x.device).mul_(_keep_scale(p))
 
 
+class _ReluDropout(torch.autograd.Function):
+    r""":math:`y = \mathrm{ReLU}(x) \odot m \cdot c` for a 0/1 dropout mask ``m`` and its inverted-dropout
+    factor ``c > 0``, saving only ``y``: :math:`\partial x = g\,c\,[y > 0]` (``y > 0`` exactly where
+    ``x > 0`` and the unit is kept, the two cases where autograd's chain ``g c m \,[x > 0]`` is not 0).
+    The next layer saves ``y`` anyway, so the mask and the ReLU's output cost no memory; the backward
+    is built from differentiable ops."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        y = torch.relu(x).mul_(keep)
+        ctx.scale = scale
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        (y,) = ctx.saved_tensors
+        return g * (y > 0).to(g.dtype).mul_(ctx.scale), None, None
+
+
+def _relu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``_dropout(relu(x), p, training)`` with the memory of one tensor (:class:`_ReluDropout`)."""
+    if not training or p <= 0 or _drop_threshold(p) == 0:
+        return F.relu(x)
+    scale = _keep_scale(p)
+    return _ReluDropout.apply(x, _keep_mask(x.shape, p, x.dtype, x.device).mul_(scale), scale)
+
+
 class _WeightsTimesValues(torch.autograd.Function):
-    r"""``w @ vt^T`` for attention weights ``w`` ``(N, T_q, T_k)`` and **transposed** values ``vt``
-    ``(N, e, T_k)``: ``(N, T_q, e)``, with a backward that keeps every product in the form the CPU
-    BLAS runs fast at head widths of 4 or 8 and returns contiguous gradients:
-    :math:`\partial w = g\,vt` and :math:`\partial vt = g^\top w`. (Autograd's own rule would compute
-    :math:`w^\top g` on an ``(T_q, e)`` row-major right operand, 2-3 times slower, or, for the
-    transposed product, hand softmax's backward a transposed gradient that it copies.) The backward is
-    built from differentiable ops, so double backward works."""
+    r"""``(w * keep) @ vt^T`` for attention weights ``w`` ``(N, T_q, T_k)``, an optional 0/1 dropout
+    mask ``keep`` (``uint8``, the shape of ``w``, or ``None``) and **transposed** values ``vt``
+    ``(N, e, T_k)``: ``(N, T_q, e)``.
+
+    The backward keeps every product in the form the CPU BLAS runs fast at head widths of 4 or 8 and
+    returns contiguous gradients: :math:`\partial w = (g\,vt) \odot keep` and
+    :math:`\partial vt = g^\top (w \odot keep)`. (Autograd's own rule would compute :math:`w^\top g` on
+    a ``(T_q, e)`` row-major right operand, 2-3 times slower, or, for the transposed product, hand
+    softmax's backward a transposed gradient that it copies.) Memory: it saves ``w`` (the softmax's
+    output, which softmax saves anyway: no extra storage), the one-byte mask and ``vt``, and recomputes
+    ``w * keep`` in the backward, instead of keeping a float mask and the dropped weights (two more
+    float copies of the largest tensor of the layer). The backward is built from differentiable ops,
+    so double backward works."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, vt: Tensor) -> Tensor:
-        ctx.save_for_backward(w, vt)
-        return torch.bmm(w, vt.transpose(1, 2))
+    def forward(ctx: Any, w: Tensor, keep: Tensor | None, vt: Tensor) -> Tensor:
+        ctx.save_for_backward(w, keep, vt)
+        return torch.bmm(w if keep is None else w * keep, vt.transpose(1, 2))
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        w, vt = ctx.saved_tensors
-        gw = torch.bmm(g, vt) if ctx.needs_input_grad[0] else None
-        gvt = torch.bmm(g.transpose(1, 2).contiguous(), w) if ctx.needs_input_grad[1] else None
-        return gw, gvt
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        w, keep, vt = ctx.saved_tensors
+        gw = gvt = None
+        if ctx.needs_input_grad[0]:
+            gw = torch.bmm(g, vt)
+            if keep is not None:
+                gw = gw * keep
+        if ctx.needs_input_grad[2]:
+            gvt = torch.bmm(g.transpose(1, 2).contiguous(), w if keep is None else w * keep)
+        return gw, None, gvt
 
 
-def _attend(w: Tensor, vt: Tensor) -> Tensor:
-    """``(N, H, T_q, T_k)`` weights times ``(N, H, e, T_k)`` transposed values: ``(N, H, T_q, e)``."""
+def _attend(w: Tensor, keep: Tensor | None, vt: Tensor) -> Tensor:
+    """``(N, H, T_q, T_k)`` weights, optionally masked by ``keep`` (``uint8``, same shape), times
+    ``(N, H, e, T_k)`` transposed values: ``(N, H, T_q, e)``."""
     n, h, tq, tk = w.shape
-    out = _WeightsTimesValues.apply(w.reshape(n * h, tq, tk), vt.flatten(0, 1))
+    flat_keep = None if keep is None else keep.reshape(n * h, tq, tk)
+    out = _WeightsTimesValues.apply(w.reshape(n * h, tq, tk), flat_keep, vt.flatten(0, 1))
     return out.view(n, h, tq, vt.shape[2])
 
 
@@ -158,8 +199,9 @@ def _attention_t(q: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, is_caus
     ``kt``/``vt`` ``(N, H, e, T_k)``; ``N = P * B`` for ``P`` stacked streams. Returns ``(N, H, T_q, e)``.
 
     ``p`` is the attention-weight dropout, one float or one per stream (``len(p) == P``). The explicit
-    path is a softmax of ``q kt / sqrt(e)``, the weights' 0/1 mask (:func:`_keep_mask`; streams whose
-    ``p`` is 0 draw none), the product with the values (:class:`_WeightsTimesValues`), and the
+    path is a softmax of ``q kt / sqrt(e)``, the weights' one-byte 0/1 mask (:func:`_keep_mask`;
+    streams whose ``p`` is 0 draw none), the masked product with the values
+    (:class:`_WeightsTimesValues`), and the
     inverted-dropout factor applied to the ``(T_q, e)`` output rather than to the ``(T_q, T_k)``
     weights (the same product, one pass over the weights fewer). Why the transposed layout: with a
     head width of 4 or 8 the CPU BLAS is 2-3 times slower on an ``(T, e)`` row-major right operand
@@ -182,22 +224,22 @@ def _attention_t(q: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, is_caus
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     if max(thresholds) == 0:
-        return _attend(weights, vt)
+        return _attend(weights, None, vt)
     if len(set(thresholds)) == 1:
-        keep = _keep_mask(weights.shape, ps[0], weights.dtype, q.device)
-        return _attend(weights * keep, vt).mul_(_keep_scale(ps[0]))
+        keep = _keep_mask(weights.shape, ps[0], torch.bool, q.device).view(torch.uint8)
+        return _attend(weights, keep, vt).mul_(_keep_scale(ps[0]))
     # per-stream probabilities: one threshold and one factor per stream, no draws where p is 0
     streams = len(ps)
     grouped = weights.view(streams, -1, *weights.shape[1:])
     active = [i for i, k in enumerate(thresholds) if k > 0]
     draws = _int16_draws((len(active),) + grouped.shape[1:], q.device)
-    keep = torch.empty(grouped.shape, dtype=weights.dtype, device=q.device)
+    keep = torch.empty(grouped.shape, dtype=torch.bool, device=q.device)
     for i in range(streams):
         if thresholds[i]:
             torch.ge(draws[active.index(i)], thresholds[i] - 32768, out=keep[i])
         else:
-            keep[i].fill_(1.0)
-    out = _attend((grouped * keep).view(weights.shape), vt)
+            keep[i].fill_(True)
+    out = _attend(weights, keep.view(weights.shape).view(torch.uint8), vt)
     scale = _stream_scales(tuple(ps), vt.dtype, q.device).view((streams,) + (1,) * (grouped.dim() - 1))
     return (out.view(streams, -1, *out.shape[1:]) * scale).view(out.shape)
 
@@ -355,7 +397,7 @@ class _StackedLayer(nn.Module):
         a = _attention_t(q, k, v, mask, is_causal, attn_p, self.training)
         a = rearrange(a, "(p b) h t e -> p (b t) (h e)", b=batch)
         x = x + _dropout(self.out(a, idx), res_p, self.training)
-        h = _dropout(F.relu(self.ff1(self.ln_ff(x, idx), idx)), relu_p, self.training)
+        h = _relu_dropout(self.ff1(self.ln_ff(x, idx), idx), relu_p, self.training)
         return x + _dropout(self.ff2(h, idx), res_p, self.training)
 
 
