@@ -235,6 +235,10 @@ class Runner:
         return self._cache[key]
 
 
+def _progress(text: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def _sync() -> None:
     if torch.device(DEVICE).type == "cuda":
         torch.cuda.synchronize()
@@ -272,7 +276,7 @@ def time_all(runner: Runner, cfgs: list[tuple[str, str, str]], rounds: int, warm
         shift = r % len(cfgs)
         for cfg in cfgs[shift:] + cfgs[:shift]:
             times[cfg].append(timed(*runner.callable(*cfg)))
-        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+        _progress(f"round {r + 1}/{rounds} done")
     return times
 
 
@@ -351,7 +355,8 @@ def memory_child(impl: str, kind: str, situation: str, ref_path: str | None) -> 
 
 def memory_all(cfgs: list[tuple[str, str, str]], threads: int, ref_path: str | None) -> dict[tuple[str, str, str], dict[str, float]]:
     out = {}
-    for impl, kind, s in cfgs:
+    for n, (impl, kind, s) in enumerate(cfgs):
+        _progress(f"memory {n + 1}/{len(cfgs)}: {impl} {kind} {s}")
         cmd = [sys.executable, __file__, "--memory-child", impl, kind, s, "--threads", str(threads), "--device", DEVICE]
         if ref_path:
             cmd += ["--reference", ref_path]
@@ -682,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     mem = {} if args.no_memory else memory_all(cfgs, args.threads, ref_path)
     runner = Runner(impls, module)
     rates = [mm_throughput(args.mm_size)]
+    _progress("counting FLOPs")
     flops = {} if args.no_flops else {cfg: count_flops(*runner.callable(*cfg)) for cfg in cfgs}
+    _progress("warm-up and timed rounds")
     load_mid = os.getloadavg()
     times = time_all(runner, cfgs, args.rounds, args.warmup) if args.rounds > 0 else {}
     rates.append(mm_throughput(args.mm_size))
@@ -707,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"seconds per epoch (training pass, {EPOCH_SAMPLES} MOSI-shaped samples, each at its own defaults):",
               flush=True)
+        _progress("epochs")
         if module is not None:
             r = released_epoch(module, data, args.epoch_mr, args.epoch_batches)
             epochs[RELEASED] = r
@@ -727,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.breakdown:
         for v in split(args.breakdown_variants):
             for kind, s in (("train", "all"), ("train", "one(V)"), ("infer", "one(V)")):
+                _progress(f"breakdown {v} {kind} {s}")
                 b = breakdown(v, kind, s)
                 bds[f"{v} {kind} {s}"] = b
                 print()

@@ -145,7 +145,7 @@ def test_weights_times_values_gradcheck_and_double_backward():
     g = torch.Generator().manual_seed(4)
     w = torch.rand(3, 5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
     vt = torch.randn(3, 4, 7, generator=g, dtype=torch.float64).requires_grad_(True)
-    keep = (torch.rand(3, 5, 7, generator=g) > 0.3).to(torch.uint8)
+    keep = torch.rand(3, 5, 7, generator=g) > 0.3
     plain = _WeightsTimesValues.apply(w, None, vt)
     torch.testing.assert_close(plain, w @ vt.transpose(1, 2), rtol=0, atol=0)
     torch.testing.assert_close(_WeightsTimesValues.apply(w, keep, vt), (w * keep) @ vt.transpose(1, 2), rtol=0, atol=0)

@@ -146,7 +146,7 @@ def _relu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 class _WeightsTimesValues(torch.autograd.Function):
     r"""``(w * keep) @ vt^T`` for attention weights ``w`` ``(N, T_q, T_k)``, an optional 0/1 dropout
-    mask ``keep`` (``uint8``, the shape of ``w``, or ``None``) and **transposed** values ``vt``
+    mask ``keep`` (``bool``, the shape of ``w``, or ``None``) and **transposed** values ``vt``
     ``(N, e, T_k)``: ``(N, T_q, e)``.
 
     The backward keeps every product in the form the CPU BLAS runs fast at head widths of 4 or 8 and
@@ -162,23 +162,25 @@ class _WeightsTimesValues(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: Tensor, keep: Tensor | None, vt: Tensor) -> Tensor:
         ctx.save_for_backward(w, keep, vt)
-        return torch.bmm(w if keep is None else w * keep, vt.transpose(1, 2))
+        # a float copy of the mask: a mixed-dtype product would cast it anyway (one more pass)
+        return torch.bmm(w if keep is None else w * keep.to(w.dtype), vt.transpose(1, 2))
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         w, keep, vt = ctx.saved_tensors
+        mask = None if keep is None else keep.to(g.dtype)  # one float copy, used twice
         gw = gvt = None
         if ctx.needs_input_grad[0]:
             gw = torch.bmm(g, vt)
-            if keep is not None:
-                gw = gw * keep
+            if mask is not None:
+                gw = gw.mul_(mask)
         if ctx.needs_input_grad[2]:
-            gvt = torch.bmm(g.transpose(1, 2).contiguous(), w if keep is None else w * keep)
+            gvt = torch.bmm(g.transpose(1, 2).contiguous(), w if mask is None else w * mask)
         return gw, None, gvt
 
 
 def _attend(w: Tensor, keep: Tensor | None, vt: Tensor) -> Tensor:
-    """``(N, H, T_q, T_k)`` weights, optionally masked by ``keep`` (``uint8``, same shape), times
+    """``(N, H, T_q, T_k)`` weights, optionally masked by ``keep`` (``bool``, same shape), times
     ``(N, H, e, T_k)`` transposed values: ``(N, H, T_q, e)``."""
     n, h, tq, tk = w.shape
     flat_keep = None if keep is None else keep.reshape(n * h, tq, tk)
@@ -226,7 +228,7 @@ def _attention_t(q: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, is_caus
     if max(thresholds) == 0:
         return _attend(weights, None, vt)
     if len(set(thresholds)) == 1:
-        keep = _keep_mask(weights.shape, ps[0], torch.bool, q.device).view(torch.uint8)
+        keep = _keep_mask(weights.shape, ps[0], torch.bool, q.device)
         return _attend(weights, keep, vt).mul_(_keep_scale(ps[0]))
     # per-stream probabilities: one threshold and one factor per stream, no draws where p is 0
     streams = len(ps)
@@ -239,7 +241,7 @@ def _attention_t(q: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, is_caus
             torch.ge(draws[active.index(i)], thresholds[i] - 32768, out=keep[i])
         else:
             keep[i].fill_(True)
-    out = _attend(weights, keep.view(weights.shape).view(torch.uint8), vt)
+    out = _attend(weights, keep.view(weights.shape), vt)
     scale = _stream_scales(tuple(ps), vt.dtype, q.device).view((streams,) + (1,) * (grouped.dim() - 1))
     return (out.view(streams, -1, *out.shape[1:]) * scale).view(out.shape)
 
