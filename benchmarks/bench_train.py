@@ -62,8 +62,10 @@ head) is wrapped in a ``torch.profiler.record_function`` range; backward time is
 component through the autograd sequence number linking each backward node to its forward op; the
 operators with the most self time are listed. The profiler adds per-op overhead: read the shares.
 
-Run (the side-by-side table; about 10 minutes on 2 busy cores)::
+Run (the side-by-side table with epochs and breakdown: about 17 minutes on one thread of a busy 2-core
+machine; on an idle one, ``--threads 2``)::
 
+    .venv/bin/python benchmarks/bench_train.py --threads 1 --rounds 10 --breakdown
     .venv/bin/python benchmarks/bench_train.py --threads 2 --rounds 10
     .venv/bin/python benchmarks/bench_train.py --rounds 3 --no-memory --no-epoch     # quick look
     .venv/bin/python benchmarks/bench_train.py --device cuda --threads 16            # on a GPU
