@@ -17,7 +17,8 @@ Figures, per implementation:
   model and data are built, so it counts activations, gradients and optimiser state, not the
   Python/torch baseline.
 
-Timings are wall-clock medians over ``--rounds`` rounds. Within a round every figure is taken for
+Timings are wall-clock medians over ``--rounds`` rounds; ``IQR %`` is each row's largest
+interquartile range over its three figures, in % of the median (a noise gauge). Within a round every figure is taken for
 every implementation in turn, and the order of the implementations rotates from round to round,
 so drifting machine load hits all of them alike. Before timing, each model gets one training-mode
 ``log_prob`` (data-dependent ActNorm initialisation where the library has one) and every trainable
@@ -589,9 +590,11 @@ def peak_memory(name: str, threads: int, tiny: bool) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-def time_rounds(names: list[str], fns: dict, rounds: int) -> dict[str, dict[str, float]]:
+def time_rounds(names: list[str], fns: dict, rounds: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Median ms per implementation and figure over ``rounds`` interleaved rounds (one untimed
-    warm-up round first); the implementations' order rotates by one each round."""
+    warm-up round first; the implementations' order rotates by one each round), and per
+    implementation the spread: the largest interquartile range over its figures, in % of the median
+    (NaN under 2 rounds)."""
     times = {n: {f: [] for f in FIGURES} for n in names}
     for r in range(rounds + 1):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -603,7 +606,16 @@ def time_rounds(names: list[str], fns: dict, rounds: int) -> dict[str, dict[str,
                 run()
                 if r > 0:
                     times[n][f].append(time.perf_counter() - t0)
-    return {n: {f: 1e3 * statistics.median(times[n][f]) for f in FIGURES} for n in names}
+    med = {n: {f: 1e3 * statistics.median(times[n][f]) for f in FIGURES} for n in names}
+
+    def iqr_percent(xs: list[float]) -> float:
+        if len(xs) < 2:
+            return float("nan")
+        q1, _, q3 = statistics.quantiles(xs, n=4)
+        return 100.0 * (q3 - q1) / statistics.median(xs)
+
+    spread = {n: max(iqr_percent(times[n][f]) for f in FIGURES) for n in names}
+    return med, spread
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -611,12 +623,13 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else float("nan")
 
 
-def table_lines(table: str, names: list[str], med: dict, mem: dict) -> list[str]:
+def table_lines(table: str, names: list[str], med: dict, mem: dict, spread: dict) -> list[str]:
     lines = []
-    head = f"{'implementation':<26}" + "".join(f"{f + ' ms':>15}" for f in FIGURES) + f"{'peak MB':>10}"
+    head = f"{'implementation':<26}" + "".join(f"{f + ' ms':>15}" for f in FIGURES) + f"{'peak MB':>10}" + f"{'IQR %':>8}"
     lines += [head, "-" * len(head)]
     for n in names:
-        lines.append(f"{n:<26}" + "".join(f"{med[n][f]:>15.1f}" for f in FIGURES) + f"{mem.get(n, float('nan')):>10.1f}")
+        lines.append(f"{n:<26}" + "".join(f"{med[n][f]:>15.1f}" for f in FIGURES) + f"{mem.get(n, float('nan')):>10.1f}"
+                     + f"{spread.get(n, float('nan')):>8.0f}")
     for ref in REFERENCES[table]:
         if ref not in med:
             continue
@@ -719,7 +732,7 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list[str]:
         load0 = os.getloadavg()
         mem = {} if args.no_memory else {n: peak_memory(n, threads, args.tiny) for n in names}
         fns = {n: prepare(n, s) for n in names}
-        med = time_rounds(names, fns, args.rounds)
+        med, spread = time_rounds(names, fns, args.rounds)
         load1 = os.getloadavg()
         emit()
         emit(f"=== {threads} thread(s); 1-min load average {load0[0]:.2f} before, {load1[0]:.2f} after "
@@ -732,11 +745,16 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list[str]:
                      "pointwise": f"pointwise table: (B*T, C) vectors / flowtransfer at kernel_size=1"}[table]
             emit()
             emit(title)
-            for line in table_lines(table, rows, med, mem):
+            for line in table_lines(table, rows, med, mem, spread):
                 emit(line)
         emit()
         for line in target_lines(med):
             emit(line)
+        busiest = max(load0[0], load1[0])
+        if busiest > (os.cpu_count() or 1):
+            emit(f"  caveat: the 1-min load average reached {busiest:.2f} on {os.cpu_count()} cores: other jobs "
+                 "shared the cores, so these verdicts are indicative only (the issue asks for an idle machine); "
+                 "see the IQR column")
 
     emit()
     emit("how each implementation was made equal (from the script's docstring):")
