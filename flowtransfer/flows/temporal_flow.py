@@ -176,8 +176,7 @@ class TemporalFlow(Flow):
     channel permutation and a rational-quadratic spline coupling with identity tails outside
     :math:`[-B, B]` (:class:`~flowtransfer.flows.spline.RationalQuadraticCoupling`). Each spline's
     inverse obeys :math:`|x| \le \max(|y|, B)` elementwise and a permutation moves no value, so for
-    every latent with :math:`\lVert z
-Vert_\infty \le R` the output of :meth:`inverse` obeys
+    every latent with :math:`\lVert z\rVert_\infty \le R` the output of :meth:`inverse` obeys
 
     .. math:: |x_c| \le \max(R, B)\, e^{-\ell_c} + |b_c|
 
