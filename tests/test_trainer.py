@@ -489,3 +489,113 @@ def test_resume_from_a_malformed_checkpoint_names_it(tmp_path):
     atomic_save({"format": "something else"}, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="cannot resume: .*is not a trainer checkpoint"):
         Trainer(PooledLinear(), cfg).fit(make_data(20, 0), make_data(8, 1))
+
+
+# ------------------------------------------------------------------------------ the budget rule
+
+
+class CountingSteps:
+    """Counts the optimiser's ``step`` calls (the quantity the cap bounds)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.calls = 0
+        original = trainer.optimizer.step
+
+        def step(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        trainer.optimizer.step = step
+
+
+def test_step_cap_is_exact_and_cuts_the_epoch():
+    # 64 samples, batch 16: 4 steps per epoch; a cap of 10 cuts the third epoch after 2 steps
+    script = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]  # always improving
+    seed_everything(0)
+    trainer = Trainer(Scripted(script), TrainConfig(epochs=6, batch_size=16, monitor="mae", max_steps=10,
+                                                     early_stop_patience=3, **QUIET))
+    counter = CountingSteps(trainer)
+    result = trainer.fit(make_data(64, 0), zero_label_valid())
+    assert counter.calls == 10 and result.steps == 10
+    assert [r["steps"] for r in result.history] == [4, 8, 10]  # the cut epoch is validated too
+    assert result.epochs_run == 3 and result.best_epoch == 2 and result.best_step == 10
+    assert result.stop_reason == "cap" and result.improving_at_stop and not result.stopped_early
+    assert result.budget() == {"steps": 10, "best_step": 10, "stop_reason": "cap", "improving_at_stop": True}
+
+
+def test_stop_reason_in_each_case():
+    train, valid = make_data(64, 0), zero_label_valid()
+
+    def fit(script, **changes):
+        seed_everything(0)
+        settings = dict(epochs=len(script), batch_size=16, monitor="mae", early_stop_patience=2, **QUIET)
+        settings.update(changes)
+        return Trainer(Scripted(script), TrainConfig(**settings)).fit(train, valid)
+
+    # plateau: best at epoch 1, two bad epochs, stopped before the epoch limit and the cap
+    r = fit([1.0, 0.5, 0.6, 0.7, 0.8, 0.9], max_steps=100)
+    assert (r.stop_reason, r.improving_at_stop, r.stopped_early) == ("plateau", False, True)
+    assert r.epochs_run == 4 and r.steps == 16 and r.best_step == 8
+    # epochs: the limit ends a run that improved in its last patience window
+    r = fit([1.0, 0.9, 0.95])
+    assert (r.stop_reason, r.improving_at_stop) == ("epochs", True) and r.steps == 12 and r.best_step == 8
+    # epochs, but nothing improved for the last 2 epochs: the plateau criterion holds -> "plateau"
+    r = fit([1.0, 1.1, 1.2])
+    assert (r.stop_reason, r.improving_at_stop, r.stopped_early) == ("plateau", False, False)
+    # the cap and the plateau at the same epoch: the plateau takes precedence
+    r = fit([1.0, 1.1, 1.2, 0.1], max_steps=12)
+    assert r.steps == 12 and (r.stop_reason, r.improving_at_stop) == ("plateau", False)
+    # the cap while the last epoch did not improve but one in the window did: still improving
+    r = fit([1.0, 0.9, 0.95, 0.1], max_steps=12)
+    assert (r.stop_reason, r.improving_at_stop, r.best_step) == ("cap", True, 8)
+    # early stopping off: the window is the last epoch
+    r = fit([1.0, 0.9, 0.95], early_stop_patience=None)
+    assert (r.stop_reason, r.improving_at_stop) == ("epochs", False)
+    r = fit([1.0, 0.9, 0.8], early_stop_patience=None, max_steps=9)
+    assert (r.stop_reason, r.improving_at_stop, r.steps) == ("cap", True, 9)
+
+
+def test_planned_steps_match_the_loader():
+    cfg = TrainConfig(epochs=3, batch_size=16, max_steps=20, **QUIET)
+    assert cfg.steps_per_epoch(70) == 5 and cfg.planned_steps(70) == 15
+    assert TrainConfig(epochs=9, batch_size=16, max_steps=20).planned_steps(70) == 20
+    assert TrainConfig(batch_size=16, drop_last=True).steps_per_epoch(70) == 4
+    assert TrainConfig(batch_size=16, max_steps_per_epoch=2).steps_per_epoch(70) == 2
+    assert TrainConfig(batch_size=16).steps_per_epoch(70, world_size=2) == 3  # 35 per rank
+    result = Trainer(PooledLinear(), TrainConfig(epochs=2, batch_size=16, early_stop_patience=None, **QUIET)).fit(
+        make_data(70, 0), make_data(8, 1))
+    assert result.steps == 2 * TrainConfig(batch_size=16).steps_per_epoch(70)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
+def test_on_epoch_end_callback_sees_every_epoch():
+    seen = []
+    trainer = Trainer(PooledLinear(), TrainConfig(epochs=3, batch_size=16, max_steps=10, **QUIET),
+                      on_epoch_end=lambda t, record: seen.append((t.steps, record["steps"], record["epoch"])))
+    trainer.fit(make_data(64, 0), make_data(8, 1))
+    assert seen == [(4, 4, 0), (8, 8, 1), (10, 10, 2)]
+    with pytest.raises(TypeError, match="on_epoch_end"):
+        Trainer(PooledLinear(), TrainConfig(**QUIET), on_epoch_end=3)
+
+
+def test_resume_under_a_cap_matches_uninterrupted_run(tmp_path):
+    def run(folder, epochs, resume, init_seed=3):
+        torch.manual_seed(init_seed)
+        method = PooledLinear(dropout=0.3)
+        cfg = TrainConfig(epochs=epochs, batch_size=12, lr=0.3, lr_plateau_patience=0, early_stop_patience=None,
+                          seed=5, max_steps=13, checkpoint_dir=str(folder), resume=resume, **QUIET)
+        return method, Trainer(method, cfg).fit(make_data(60, 0), make_data(24, 1))
+
+    straight, a = run(tmp_path / "straight", 6, False)
+    run(tmp_path / "split", 2, False)  # 10 steps, killed
+    resumed, b = run(tmp_path / "split", 6, True, init_seed=99)
+    assert_same(params_of(straight), params_of(resumed))
+    assert a.steps == b.steps == 13 and a.stop_reason == b.stop_reason == "cap"
+    assert (a.best_step, a.improving_at_stop) == (b.best_step, b.improving_at_stop)
+    assert [r["steps"] for r in b.history] == [5, 10, 13]
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["steps"] == 13
+    # resuming a capped, finished run trains nothing more
+    again, c = run(tmp_path / "split", 6, True, init_seed=7)
+    assert c.steps == 13 and len(c.history) == 3
+    assert_same(params_of(straight), params_of(again))

@@ -33,12 +33,20 @@ from flowtransfer.training.results import (
     write_results,
 )
 from flowtransfer.training.seeding import derive_seed, make_generator, seed_everything
-from flowtransfer.training.trainer import FitResult, Trainer, TrainConfig, build_optimizer, load_checkpoint
+from flowtransfer.training.trainer import (
+    STOP_REASONS,
+    FitResult,
+    Trainer,
+    TrainConfig,
+    build_optimizer,
+    load_checkpoint,
+)
 
 __all__ = [
     "Trainer",
     "TrainConfig",
     "FitResult",
+    "STOP_REASONS",
     "load_checkpoint",
     "build_optimizer",
     "predict_dataset",

@@ -11,8 +11,16 @@ A method is an ``nn.Module`` with ``loss(batch) -> (scalar Tensor, dict[str, flo
     scheduler.step(score)                            # ReduceLROnPlateau
     keep the best weights; count epochs without improvement; checkpoint
 
-and, when training ends (epochs exhausted or early stop), loads the best epoch's weights back into
-the method. :meth:`Trainer.fit` takes a training and a validation dataset and nothing else: the
+and, when training ends, loads the best epoch's weights back into the method.
+
+**The budget rule.** Training ends on whichever comes first: the validation plateau (early
+stopping after ``early_stop_patience`` epochs without improvement; the learning rate is reduced on
+the way by ``ReduceLROnPlateau``), the cap of ``max_steps`` optimiser steps, or ``epochs``. The cap
+is exact: the epoch in which it is reached is cut after the step that reaches it, then validated
+like any other epoch. :class:`FitResult` says which rule ended the run (``stop_reason``), how many
+steps were taken (``steps``), after how many the selected weights were taken (``best_step``) and
+whether the validation score was still improving when the cap or the epoch limit cut the run
+(``improving_at_stop``): such a run has not converged, and a table of it must say so. :meth:`Trainer.fit` takes a training and a validation dataset and nothing else: the
 test split never reaches the trainer, so it cannot influence model selection.
 
 Optional method hooks (called only if the method defines them):
@@ -61,7 +69,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +90,7 @@ from flowtransfer.training.distributed import (
 from flowtransfer.training.evaluation import evaluate, evaluate_loss
 from flowtransfer.training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 
-__all__ = ["TrainConfig", "FitResult", "Trainer", "CHECKPOINT_FORMAT", "load_checkpoint", "build_optimizer"]
+__all__ = ["TrainConfig", "FitResult", "Trainer", "CHECKPOINT_FORMAT", "STOP_REASONS", "load_checkpoint", "build_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +134,9 @@ class TrainConfig:
         max_steps_per_epoch: cut each epoch after this many batches (quick runs); None = all.
         drop_last: drop the last incomplete training batch.
         eval_batch_size: batch size for validation.
+        max_steps: cap on the optimiser steps of this fit (over all resumed runs); None = no cap.
+            Training stops after the step that reaches it (mid-epoch if need be; that epoch is
+            validated). See the module docstring for the budget rule.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA (this rank's device) if
             available, else CPU.
         find_unused_parameters: DDP option; keep True when some parameters get no gradient in
@@ -153,6 +164,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     max_steps_per_epoch: int | None = None
+    max_steps: int | None = None
     drop_last: bool = False
     eval_batch_size: int = 256
     device: str | None = None
@@ -173,6 +185,7 @@ class TrainConfig:
         positive_int("lr_plateau_patience", allow_none=True, allow_zero=True)
         positive_int("early_stop_patience", allow_none=True)
         positive_int("max_steps_per_epoch", allow_none=True)
+        positive_int("max_steps", allow_none=True)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:
@@ -197,6 +210,24 @@ class TrainConfig:
             raise ValueError("TrainConfig.resume=True needs a checkpoint_dir to resume from")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+
+    def steps_per_epoch(self, n_samples: int, world_size: int = 1) -> int:
+        """Optimiser steps of one full epoch over ``n_samples`` training samples (per process
+        under DDP, whose sampler pads each rank to ``ceil(n / world_size)`` samples unless
+        ``drop_last``), after ``max_steps_per_epoch``."""
+        if n_samples < 0 or world_size < 1:
+            raise ValueError(f"steps_per_epoch: need n_samples >= 0 and world_size >= 1, got {n_samples}, {world_size}")
+        per_rank = n_samples // world_size if self.drop_last else -(-n_samples // world_size)
+        steps = per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        if self.max_steps_per_epoch is not None:
+            steps = min(steps, self.max_steps_per_epoch)
+        return steps
+
+    def planned_steps(self, n_samples: int, world_size: int = 1) -> int:
+        """The most optimiser steps one fit can take: ``min(max_steps, epochs x steps_per_epoch)``
+        (early stopping can only make it fewer)."""
+        steps = self.epochs * self.steps_per_epoch(n_samples, world_size)
+        return steps if self.max_steps is None else min(steps, self.max_steps)
 
     @property
     def resolved_mode(self) -> Literal["min", "max"]:
@@ -230,12 +261,23 @@ class FitResult:
         best_score: the monitored validation score at that epoch.
         monitor, mode: what was monitored and in which direction.
         history: one flat dict per epoch: ``epoch``, ``lr`` (during the epoch), ``seconds``,
+            ``steps`` (optimiser steps taken so far, this epoch included),
             ``score``, ``improved``, ``train/loss``, ``train/loss/<part>``, ``train/grad_norm``
             (mean global gradient 2-norm before norm clipping), ``valid/<metric>``, and
             ``valid/loss`` (+ parts) when the monitor is a loss.
-        stopped_early: True if early stopping ended training.
-        epochs_run: epochs completed (over all resumed runs).
+        stopped_early: True if early stopping ended training before the epoch limit.
+        epochs_run: epochs completed (over all resumed runs; an epoch cut by the cap counts).
         train_seconds: wall time summed over epochs (over all resumed runs).
+        steps: optimiser steps taken (over all resumed runs).
+        best_step: optimiser steps taken when the selected (best) weights were recorded.
+        stop_reason: which rule ended training: ``"plateau"`` (the early-stopping criterion holds:
+            ``early_stop_patience`` epochs without improvement; it takes precedence when it holds
+            at the same epoch as a limit), ``"cap"`` (``max_steps`` reached) or ``"epochs"``
+            (``epochs`` completed).
+        improving_at_stop: True when training ended on the cap or the epoch limit while the
+            validation score had improved within the last patience window (the last
+            ``early_stop_patience`` epochs; the last epoch when early stopping is off): the run
+            had not converged. Always False for ``"plateau"``.
     """
 
     best_epoch: int
@@ -246,6 +288,20 @@ class FitResult:
     stopped_early: bool = False
     epochs_run: int = 0
     train_seconds: float = 0.0
+    steps: int = 0
+    best_step: int = 0
+    stop_reason: Literal["plateau", "cap", "epochs"] = "epochs"
+    improving_at_stop: bool = False
+
+    def budget(self) -> dict[str, Any]:
+        """The budget fields as plain data: ``steps``, ``best_step``, ``stop_reason``,
+        ``improving_at_stop`` (the columns of a result row)."""
+        return {"steps": self.steps, "best_step": self.best_step, "stop_reason": self.stop_reason,
+                "improving_at_stop": self.improving_at_stop}
+
+
+#: the values of :attr:`FitResult.stop_reason`
+STOP_REASONS: tuple[str, ...] = ("plateau", "cap", "epochs")
 
 
 class _LossModule(nn.Module):
@@ -293,21 +349,33 @@ class Trainer:
         config: training settings (defaults if None).
         context: the distributed context; default :func:`current_context` (single process unless
             :func:`~flowtransfer.training.init_distributed` has joined a process group).
+        on_epoch_end: called as ``on_epoch_end(trainer, record)`` after every epoch (on every
+            rank) with that epoch's history record, e.g. to drive a progress bar over several
+            trainings (``record["steps"]``). Not part of the checkpointed state.
 
     Attributes:
         optimizer, scheduler: built at construction (scheduler None if disabled).
-        epoch: epochs completed; best_score, best_epoch, bad_epochs, history: selection state.
+        epoch: epochs completed; steps: optimiser steps taken; best_score, best_epoch,
+            best_step, bad_epochs, history: selection state.
     """
 
     def __init__(
-        self, method: nn.Module, config: TrainConfig | None = None, *, context: DistributedContext | None = None
+        self,
+        method: nn.Module,
+        config: TrainConfig | None = None,
+        *,
+        context: DistributedContext | None = None,
+        on_epoch_end: Callable[[Trainer, dict[str, Any]], None] | None = None,
     ) -> None:
         if not isinstance(method, nn.Module):
             raise TypeError(f"method must be an nn.Module, got {type(method).__name__}")
         for name in ("loss", "predict"):
             if not callable(getattr(method, name, None)):
                 raise TypeError(f"{type(method).__name__} has no {name}(batch) method; see docs/ARCHITECTURE.md")
+        if on_epoch_end is not None and not callable(on_epoch_end):
+            raise TypeError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
         self.method = method
+        self.on_epoch_end = on_epoch_end
         self.config = config if config is not None else TrainConfig()
         self.context = context if context is not None else current_context()
         self.mode = self.config.resolved_mode
@@ -336,8 +404,10 @@ class Trainer:
                 find_unused_parameters=self.config.find_unused_parameters,
             )
         self.epoch = 0
+        self.steps = 0
         self.best_score: float | None = None
         self.best_epoch: int | None = None
+        self.best_step = 0
         self.best_state: dict[str, Tensor] | None = None
         self.bad_epochs = 0
         self.stopped_early = False
@@ -424,6 +494,8 @@ class Trainer:
             batches, count = iter(loader), len(loader)
         if cfg.max_steps_per_epoch is not None:
             count = min(count, cfg.max_steps_per_epoch)
+        if cfg.max_steps is not None:
+            count = min(count, cfg.max_steps - self.steps)  # the cap is exact
         return batches, count
 
     # ------------------------------------------------------------------------------------ steps
@@ -486,6 +558,7 @@ class Trainer:
                 loss.backward()
                 grad_norm = self._clip()
                 self.optimizer.step()
+                self.steps += 1
                 b = len(batch.labels)
                 seen += b
                 add("loss", value, b)
@@ -574,7 +647,11 @@ class Trainer:
         if cfg.resume:
             self._resume()  # restores weights, optimiser, counters and every RNG state
 
-        epoch_bar = self._bar(cfg.epochs, "train", leave=True, initial=self.epoch)
+        planned_epochs = cfg.epochs
+        if cfg.max_steps is not None:
+            per_epoch = max(1, cfg.steps_per_epoch(len(train_dataset), self.context.world_size))
+            planned_epochs = min(cfg.epochs, -(-cfg.max_steps // per_epoch))
+        epoch_bar = self._bar(planned_epochs, "train", leave=True, initial=min(self.epoch, planned_epochs))
         try:
             self._run_epochs(train_dataset, valid_dataset, epoch_bar)
         finally:
@@ -590,6 +667,8 @@ class Trainer:
             )
         self.method.load_state_dict(self.best_state)
         assert self.best_epoch is not None and self.best_score is not None
+        reason = self.stop_reason()
+        window = cfg.early_stop_patience if cfg.early_stop_patience is not None else 1
         return FitResult(
             best_epoch=self.best_epoch,
             best_score=self.best_score,
@@ -599,7 +678,24 @@ class Trainer:
             stopped_early=self.stopped_early,
             epochs_run=self.epoch,
             train_seconds=float(sum(r["seconds"] for r in self.history)),
+            steps=self.steps,
+            best_step=self.best_step,
+            stop_reason=reason,
+            improving_at_stop=reason != "plateau" and self.bad_epochs < window,
         )
+
+    def stop_reason(self) -> Literal["plateau", "cap", "epochs"]:
+        """Which rule ends (or ended) training in the current state; see :class:`FitResult`."""
+        cfg = self.config
+        patience = cfg.early_stop_patience
+        if self.stopped_early or (patience is not None and self.bad_epochs >= patience):
+            return "plateau"
+        if cfg.max_steps is not None and self.steps >= cfg.max_steps:
+            return "cap"
+        return "epochs"
+
+    def _capped(self) -> bool:
+        return self.config.max_steps is not None and self.steps >= self.config.max_steps
 
     def _sync_from_rank0(self) -> None:
         """Copy rank 0's parameters and buffers to every rank (after ``prepare``)."""
@@ -613,7 +709,7 @@ class Trainer:
 
     def _run_epochs(self, train_dataset: Any, valid_dataset: Any, epoch_bar: Any) -> None:
         cfg = self.config
-        while self.epoch < cfg.epochs and not self.stopped_early:
+        while self.epoch < cfg.epochs and not self.stopped_early and not self._capped():
             epoch = self.epoch
             hook = getattr(self.method, "on_epoch_start", None)
             if hook is not None:
@@ -636,12 +732,13 @@ class Trainer:
             improved = not veto and self._improved(score)
             if improved:
                 self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+                self.best_step = self.steps
                 self.best_state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
             else:
                 self.bad_epochs += 1
             if self.scheduler is not None and math.isfinite(score):
                 self.scheduler.step(score)
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "steps": self.steps}
             record.update({f"train/{k}": v for k, v in train_record.items()})
             record.update({f"valid/{k}": v for k, v in valid_record.items()})
             record.update({"score": score, "improved": improved, "seconds": time.perf_counter() - start})
@@ -664,6 +761,10 @@ class Trainer:
                 epoch_bar.set_postfix({cfg.monitor: f"{score:.4f}", "best": f"{best:.4f}"})
             if self.stopped_early and self.is_main:
                 logger.info("early stop after epoch %d: %d epochs without improvement", epoch + 1, self.bad_epochs)
+            elif self._capped() and self.is_main:
+                logger.info("step cap reached after epoch %d: %d optimiser steps", epoch + 1, self.steps)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self, record)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -682,6 +783,8 @@ class Trainer:
             "config": self.config.to_dict(),
             "method": type(self.method).__name__,
             "epoch": self.epoch,
+            "steps": self.steps,
+            "best_step": self.best_step,
             "state_dict": {k: v.detach().cpu() for k, v in self.method.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
@@ -712,6 +815,10 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
+        # checkpoints written before the step counter existed: the last epoch's record, else 0
+        last_steps = state["history"][-1].get("steps", 0) if state.get("history") else 0
+        self.steps = int(state.get("steps", last_steps))
+        self.best_step = int(state.get("best_step", 0))
         self.best_score = state["best_score"]
         self.best_epoch = state["best_epoch"]
         self.bad_epochs = int(state["bad_epochs"])
