@@ -7,7 +7,8 @@ per-sample presence mask. Inside flowtransfer features are ``(N, C, T)`` float32
 
 The presence mask is the truth: a :class:`Batch` puts **NaN** in every absent (sample, modality)
 slot, so a model that reads a missing modality without looking at the mask produces NaN instead of
-silently learning from zeros.
+silently learning from zeros. Time steps removed inside a present modality (intra-modality
+missing, :meth:`MultimodalDataset.with_step_mask`) are NaN too, and ``Batch.step_mask`` says which.
 
 Example::
 
@@ -62,6 +63,10 @@ class Batch:
         index: ``(B,)`` int64 positions of the samples in their dataset.
         classes: ``(B,)`` int64 class ids for a class-conditional prior (classification: the
             labels; regression: the 7-class sentiment rule of :mod:`flowtransfer.labels`), or None.
+        step_mask: modality name -> ``(B, T_m)`` bool, **False where a time step was removed**
+            (intra-modality missing; removed steps hold NaN), one entry per modality; None when no
+            step is removed. It is independent of ``mask``: step ``t`` of modality ``m`` holds data
+            iff ``mask[b, m] and step_mask[m][b, t]`` (:meth:`step_present`).
     """
 
     features: dict[str, Tensor]
@@ -71,6 +76,20 @@ class Batch:
     lengths: dict[str, Tensor] | None = None
     index: Tensor | None = None
     classes: Tensor | None = None
+    step_mask: dict[str, Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_mask is None:
+            return
+        b = int(self.mask.shape[0])
+        for name, sm in self.step_mask.items():
+            x = self.features.get(name)
+            if x is None:
+                raise KeyError(f"step_mask names modality {name!r}; this batch has {list(self.features)}")
+            if sm.dtype != torch.bool or tuple(sm.shape) != (b, x.shape[-1]):
+                raise ValueError(
+                    f"step_mask[{name!r}] must be bool of shape ({b}, {x.shape[-1]}), got {tuple(sm.shape)} {sm.dtype}"
+                )
 
     def __len__(self) -> int:
         return int(self.mask.shape[0])
@@ -89,8 +108,17 @@ class Batch:
         """``(B,)`` bool: which samples have modality ``name``."""
         return self.mask[:, self._column(name)]
 
+    def step_present(self, name: str) -> Tensor:
+        """``(B, T_m)`` bool: which time steps of modality ``name`` hold data (modality present and
+        step not removed)."""
+        present = self.present(name)[:, None]
+        if self.step_mask is None or name not in self.step_mask:
+            return present.expand(-1, self.features[name].shape[-1])
+        return present & self.step_mask[name]
+
     def filled(self, value: float | Mapping[str, float | Tensor] = 0.0) -> Batch:
-        """A copy whose absent slots hold ``value`` instead of NaN (the mask is unchanged).
+        """A copy whose absent slots and removed time steps hold ``value`` instead of NaN (the mask
+        and step mask are unchanged).
 
         ``value`` is a number, or a mapping modality -> number or tensor broadcastable to
         ``(C_m, T_m)`` (for example a per-channel training mean of shape ``(C_m, 1)``, for mean fill).
@@ -105,6 +133,8 @@ class Batch:
                 v = value
             fill = torch.as_tensor(v, dtype=x.dtype, device=x.device)
             keep = self.present(name)[:, None, None]
+            if self.step_mask is not None and name in self.step_mask:
+                keep = keep & self.step_mask[name][:, None, :]
             out[name] = torch.where(keep, x, fill.expand_as(x[0]) if fill.dim() else fill)
         return replace(self, features=out)
 
@@ -118,6 +148,7 @@ class Batch:
             lengths=None if self.lengths is None else {k: v.to(device) for k, v in self.lengths.items()},
             index=None if self.index is None else self.index.to(device),
             classes=None if self.classes is None else self.classes.to(device),
+            step_mask=None if self.step_mask is None else {k: v.to(device) for k, v in self.step_mask.items()},
         )
 
 
@@ -262,6 +293,9 @@ class MultimodalDataset(Dataset):
                     )
                 self.lengths[name] = ln
 
+        #: modality -> ``(N, T_m)`` bool, False where a time step is removed (see :meth:`with_step_mask`)
+        self.step_mask: dict[str, np.ndarray] | None = None
+
         self.ids: np.ndarray | None = None
         if ids is not None:
             ids = np.asarray(ids).astype(str)
@@ -375,6 +409,58 @@ class MultimodalDataset(Dataset):
                 )
         return self._copy_with(mask=self._check_mask(m, len(self), self.modalities))
 
+    def with_step_mask(self, step_masks: Mapping[str, Any]) -> MultimodalDataset:
+        """The same arrays with time steps removed inside modalities (intra-modality missing).
+
+        Args:
+            step_masks: modality name -> ``(N, T_m)`` bool, **False where the step is removed**
+                (e.g. from :func:`flowtransfer.data.missing.step_missing_masks`). Modalities not
+                named keep every step. The result is AND-ed with any step mask this dataset
+                already has (a removed step cannot come back).
+
+        Returns:
+            a view (feature arrays shared) whose batches hold NaN at removed steps and carry
+            ``Batch.step_mask``. **A present modality whose every valid step is removed for a sample
+            (valid: within ``lengths`` when the dataset has them) becomes absent for that sample**
+            (its mask bit is cleared). Every sample must keep at least one modality (``ValueError``
+            naming the rows otherwise).
+        """
+        if not isinstance(step_masks, Mapping):
+            raise TypeError(f"step_masks must be a mapping modality -> (N, T) bool array, got {type(step_masks).__name__}")
+        n = len(self)
+        current = self.step_mask
+        new: dict[str, np.ndarray] = {}
+        for name in step_masks:
+            if name not in self.features:
+                raise ValueError(f"step mask given for unknown modality {name!r}; known: {list(self.modalities)}")
+        mask = self.mask.copy()
+        for j, name in enumerate(self.modalities):
+            t = self.features[name].shape[2]
+            keep = np.ones((n, t), dtype=bool) if current is None else current[name].copy()
+            if name in step_masks:
+                sm = _to_numpy(step_masks[name])
+                if sm.shape != (n, t):
+                    raise ValueError(f"step mask of modality {name!r}: expected shape ({n}, {t}), got {tuple(sm.shape)}")
+                if sm.dtype != np.bool_:
+                    if not np.all(np.isin(sm, (0, 1))):
+                        raise ValueError(f"step mask of modality {name!r} must be boolean (or 0/1)")
+                    sm = sm.astype(bool)
+                keep &= sm
+                valid = np.ones((n, t), dtype=bool)
+                if self.lengths is not None and name in self.lengths:
+                    valid &= np.arange(t)[None, :] < self.lengths[name][:, None]
+                emptied = valid.any(axis=1) & ~(valid & keep).any(axis=1)
+                mask[emptied, j] = False
+            new[name] = np.ascontiguousarray(keep)
+        empty = ~mask.any(axis=1)
+        if empty.any():
+            rows = np.flatnonzero(empty)
+            raise ValueError(
+                f"step masks remove every step of every modality of {int(empty.sum())} samples "
+                f"(first rows {rows[:5].tolist()}); each sample must keep at least one step of some modality"
+            )
+        return self._copy_with(step_mask=new, mask=mask)
+
     def subset(self, indices: Any) -> MultimodalDataset:
         """The samples at ``indices`` (int positions or a boolean array of length N), copied."""
         idx = _to_numpy(indices)
@@ -395,6 +481,7 @@ class MultimodalDataset(Dataset):
             lengths=None if self.lengths is None else {k: v[idx] for k, v in self.lengths.items()},
             ids=None if self.ids is None else self.ids[idx],
             extras={k: v[idx] for k, v in self.extras.items()},
+            step_mask=None if self.step_mask is None else {k: v[idx] for k, v in self.step_mask.items()},
         )
 
     # ---------------------------------------------------------------- access
@@ -408,9 +495,10 @@ class MultimodalDataset(Dataset):
         return self._classes
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """One sample: ``{"features": {m: (C, T)}, "mask": (M,), "label", "class", "index", "lengths"}``.
+        """One sample: ``{"features": {m: (C, T)}, "mask": (M,), "label", "class", "index", "lengths",
+        "step_mask"}`` (``step_mask``: ``{m: (T,) bool}`` or None).
 
-        Absent modalities hold NaN.
+        Absent modalities and removed time steps hold NaN.
         """
         i = int(i)
         if i < 0:
@@ -422,6 +510,8 @@ class MultimodalDataset(Dataset):
             x = torch.from_numpy(self.features[name][i].copy())
             if not self.mask[i, j]:
                 x.fill_(float("nan"))
+            elif self.step_mask is not None:
+                x[:, ~torch.from_numpy(self.step_mask[name][i])] = float("nan")
             feats[name] = x
         return {
             "features": feats,
@@ -430,6 +520,8 @@ class MultimodalDataset(Dataset):
             "class": torch.as_tensor(self.class_labels()[i], dtype=torch.int64),
             "index": torch.as_tensor(i, dtype=torch.int64),
             "lengths": None if self.lengths is None else {k: torch.as_tensor(v[i]) for k, v in self.lengths.items()},
+            "step_mask": None if self.step_mask is None else {
+                k: torch.from_numpy(v[i].copy()) for k, v in self.step_mask.items()},
         }
 
     @staticmethod
@@ -441,6 +533,9 @@ class MultimodalDataset(Dataset):
         lengths = None
         if items[0]["lengths"] is not None:
             lengths = {k: torch.stack([it["lengths"][k] for it in items]).long() for k in items[0]["lengths"]}
+        step_mask = None
+        if items[0].get("step_mask") is not None:
+            step_mask = {k: torch.stack([it["step_mask"][k] for it in items]) for k in items[0]["step_mask"]}
         return Batch(
             features={k: torch.stack([it["features"][k] for it in items]) for k in names},
             mask=torch.stack([it["mask"] for it in items]),
@@ -449,18 +544,22 @@ class MultimodalDataset(Dataset):
             lengths=lengths,
             index=torch.stack([it["index"] for it in items]),
             classes=torch.stack([it["class"] for it in items]),
+            step_mask=step_mask,
         )
 
     def batch(self, indices: Any) -> Batch:
         """A :class:`Batch` of the samples at ``indices``, built with vectorised slicing."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).reshape(-1))
         mask = torch.from_numpy(self.mask[idx])
+        steps = None if self.step_mask is None else {k: torch.from_numpy(v[idx]) for k, v in self.step_mask.items()}
         feats = {}
         for j, name in enumerate(self.modalities):
             x = torch.from_numpy(self.features[name][idx])  # fancy indexing copies
             absent = ~mask[:, j]
             if absent.any():
                 x[absent] = float("nan")
+            if steps is not None:
+                x.masked_fill_(~steps[name][:, None, :], float("nan"))  # removed steps never leak
             feats[name] = x
         return Batch(
             features=feats,
@@ -470,6 +569,7 @@ class MultimodalDataset(Dataset):
             lengths=None if self.lengths is None else {k: torch.from_numpy(v[idx]) for k, v in self.lengths.items()},
             index=torch.from_numpy(idx),
             classes=torch.from_numpy(np.ascontiguousarray(self.class_labels()[idx], dtype=np.int64)),
+            step_mask=steps,
         )
 
     def full_batch(self) -> Batch:
@@ -539,6 +639,8 @@ class MultimodalDataset(Dataset):
             }
         if self.lengths is not None:
             out["lengths"] = {k: [int(v.min()), int(v.max())] for k, v in self.lengths.items()}
+        if self.step_mask is not None:
+            out["removed_steps"] = {k: int((~v).sum()) for k, v in self.step_mask.items()}
         return out
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "build_method",
     "simulate_missing",
     "prior_labels",
+    "check_supports_steps",
 ]
 
 
@@ -164,6 +165,9 @@ class Method(nn.Module, abc.ABC):
     * ``prepare(train_dataset)``: called once before training (statistics such as fill means).
     * ``parameter_groups()``: optimiser groups holding only trainable parameters.
     * ``complete_only``: True when the method is evaluated on complete data only (upper bound).
+    * ``supports_step_missing``: True when the method respects ``batch.step_mask`` (intra-modality
+      missing: removed time steps hold NaN and must never be read); False (the default) when it
+      cannot, and :func:`check_supports_steps` refuses it before training.
     * ``hparams``: plain data that rebuilds the method with :func:`build_method`.
     """
 
@@ -171,6 +175,9 @@ class Method(nn.Module, abc.ABC):
     name: str = "method"
     #: True for models meant to be evaluated on complete data only (the full-modality upper bound)
     complete_only: bool = False
+    #: True for methods that respect ``batch.step_mask`` (removed time steps inside a modality);
+    #: a subclass that handles them says so by setting it (see :func:`check_supports_steps`)
+    supports_step_missing: bool = False
 
     def __init__(self, info: DatasetInfo | Mapping[str, Any] | Any) -> None:
         super().__init__()
@@ -255,6 +262,32 @@ class Method(nn.Module, abc.ABC):
             c = self.info.input_dims[m]
             if x.dim() != 3 or x.shape[0] != b or x.shape[1] != c:
                 raise ValueError(f"modality {m!r}: expected features ({b}, {c}, T), got {tuple(x.shape)}")
+
+
+def check_supports_steps(method: Any, name: str | None = None) -> None:
+    """Refuse a method that cannot respect intra-modality (time-step) missing.
+
+    Call it before training when the evaluation protocol removes time steps (``steps``). A method
+    respects step masks when removed steps (NaN in the batch, ``batch.step_mask`` False) never reach
+    its computation; methods that recover or reason about whole modalities only (DiCMoR, SMIL,
+    MMANet, CyIN, ...) leave ``supports_step_missing`` False.
+
+    Args:
+        method: a :class:`Method` instance or class (anything with ``supports_step_missing``).
+        name: the name to report (default: ``method.name``).
+
+    Raises:
+        flowtransfer.io.InputError: naming the method.
+    """
+    from flowtransfer.io import InputError
+
+    if not bool(getattr(method, "supports_step_missing", False)):
+        label = name or getattr(method, "name", None) or type(method).__name__
+        raise InputError(
+            f"method {label!r} cannot respect intra-modality missing (removed time steps): it handles whole "
+            "modalities only; choose a method with supports_step_missing (e.g. zero_fill, mean_fill, "
+            "modality_dropout) or another protocol"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

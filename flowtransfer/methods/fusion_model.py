@@ -13,6 +13,13 @@ the extractors:
   to be **evaluated on complete test data** (``complete_only = True`` tells the evaluation code);
   given absent modalities it zero-fills them like ``zero_fill``.
 
+**Removed time steps** (intra-modality missing, ``batch.step_mask``) are filled the same way, in
+the input space: zeros or the training mean (``supports_step_missing = True``); the values held at
+removed steps never reach the network. A token-id modality (a text encoder) gets 0 at removed steps
+whatever the fill: the padding token. MulT gets no key padding mask: the extractor's convolution
+('same' padding, kernel 5) and the resampling to a common length mix neighbouring steps, so an
+extracted step does not correspond to one input step; a mask there would be an approximation.
+
 After filling, the model treats every modality as present (the fusion receives an all-True mask):
 that is what "trained complete, filled at test" means. The filled features are also what
 :meth:`FusionModel.recover` returns, in the model's extracted feature space, so zero and mean
@@ -114,6 +121,8 @@ class FusionModel(Method):
     """
 
     name = "fusion"
+    #: removed time steps are filled like absent modalities (zeros or training means)
+    supports_step_missing = True
 
     def __init__(
         self,
@@ -150,7 +159,8 @@ class FusionModel(Method):
 
     # ------------------------------------------------------------------ filling
     def fill_values(self) -> dict[str, Tensor | float]:
-        """What absent slots become: ``0.0`` or the ``(C_m, 1)`` training means."""
+        """What absent slots and removed steps become: ``0.0`` or the ``(C_m, 1)`` training means
+        (always ``0.0``, the padding token, for a token-id modality read by a text encoder)."""
         if self.config.fill == "zero":
             return {m: 0.0 for m in self.modalities}
         if not bool(self.fill_fitted):
@@ -158,7 +168,8 @@ class FusionModel(Method):
                 "mean fill needs training statistics: call fit_fill_statistics(train_dataset) "
                 "(or prepare(train_dataset)) before predicting"
             )
-        return {m: getattr(self, f"fill_mean_{m}") for m in self.modalities}
+        encoded = self.extractors.encoders
+        return {m: 0.0 if m in encoded else getattr(self, f"fill_mean_{m}") for m in self.modalities}
 
     @torch.no_grad()
     def fit_fill_statistics(self, dataset: Any) -> dict[str, Tensor]:
@@ -166,19 +177,27 @@ class FusionModel(Method):
 
         ``dataset`` is a :class:`~flowtransfer.data.MultimodalDataset` (``features`` as ``(N, C, T)``
         arrays and ``mask`` ``(N, M)``). Padding beyond per-sample ``lengths`` is included (MMSA pads
-        with zeros; the statistic is the mean of what the model sees). Returns ``{m: (C_m, 1)}``.
+        with zeros; the statistic is the mean of what the model sees); removed time steps
+        (``dataset.step_mask`` False) are not. Returns ``{m: (C_m, 1)}``.
         """
         names = tuple(dataset.modalities)
         if names != self.modalities:
             raise ValueError(f"dataset modalities {list(names)} differ from the model's {list(self.modalities)}")
         mask = np.asarray(dataset.mask, dtype=bool)
+        steps = getattr(dataset, "step_mask", None)
         out = {}
         for j, m in enumerate(self.modalities):
             x = np.asarray(dataset.features[m])
             rows = mask[:, j]
             if not rows.any():
                 raise ValueError(f"modality {m!r} is absent from every training sample: no mean to fill with")
-            mean = x[rows].astype(np.float64).mean(axis=(0, 2))
+            if steps is None:
+                mean = x[rows].astype(np.float64).mean(axis=(0, 2))
+            else:  # only the steps that hold data: (C,) sum over kept (sample, step) slots / their count
+                keep = np.asarray(steps[m], dtype=bool)[rows]
+                if not keep.any():
+                    raise ValueError(f"modality {m!r} has no kept time step in the training data: no mean to fill with")
+                mean = np.einsum("nct,nt->c", x[rows].astype(np.float64), keep.astype(np.float64)) / keep.sum()
             buf = getattr(self, f"fill_mean_{m}")
             buf.copy_(torch.as_tensor(mean, dtype=buf.dtype).view(-1, 1))
             out[m] = buf.clone()
