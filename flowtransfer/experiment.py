@@ -10,6 +10,15 @@ One run = one dataset x methods x seeds x settings. For each seed:
    complete validation data for models trained on complete data (``upper_bound``, ``zero_fill``,
    ``mean_fill``), a fixed random mask at ``valid_missing_rate`` for methods that train under missing
    modalities (``dicmor`` ...). Methods with stages (DiCMoR) train ``complete`` then ``recovery``.
+   **One budget rule for every method**: each training ends on the validation plateau (early
+   stopping with ``early_stop_patience``, learning rate on plateau with ``lr_plateau_patience``),
+   on the cap of ``max_steps`` optimiser steps, or after ``epochs``, whichever comes first. The cap
+   is the same for every method, and **a staged method shares it between its stages**
+   (:func:`stage_cap`: each later stage is guaranteed ``max_steps // n_stages`` steps, and what a
+   stage leaves unused passes on to the next), so DiCMoR takes no more optimiser steps in all than
+   a one-stage method. Every result row records ``steps``, ``best_step``, ``stop_reason`` and
+   ``improving_at_stop`` (:func:`combine_budgets` says how stages combine), and the printed table
+   marks a method that hit the cap or the epoch limit while still improving.
    A fusion model whose training is the same computation as one already trained for this seed
    (``upper_bound`` after ``zero_fill``: same network, data, selection and seed) takes its weights
    instead of training again (:func:`_training_key`);
@@ -21,9 +30,16 @@ One run = one dataset x methods x seeds x settings. For each seed:
 that every row of a setting is read against.
 
 Outputs in ``out``: ``results.csv`` / ``results.json`` (one row per method, dataset, setting, seed),
-``summary.csv`` (mean ± std over seeds), ``table.txt``, ``masks/``, ``config.json`` (the settings
-and, under ``data``, what the loader found: NaN/inf per split and modality, slots marked missing,
-values zeroed), and ``curves.png`` (score against missing rate).
+``summary.csv`` (mean ± std over seeds), ``table.txt`` (with the budget table), ``masks/``,
+``config.json`` (the settings and, under ``data``, what the loader found: NaN/inf per split and
+modality, slots marked missing, values zeroed), ``curves.png`` (score against missing rate), and
+whatever :func:`flowtransfer.report.finish_run` writes (called last, on the main process).
+
+Progress: with ``progress=True`` one outer bar (a tqdm bar on a terminal, log lines otherwise)
+counts the optimiser steps of every (seed, method) training of the run against the planned ones
+(``min(max_steps, epochs x steps per epoch)`` per training) and gives an ETA for the whole run;
+it is updated after every epoch and re-planned as trainings stop early. ``progress=False`` is
+silent.
 
 Everything is checked before any training starts (:meth:`ExperimentConfig.validate`, the data's
 splits against each other, the output folder's writability). Data with missing slots of its own
@@ -66,7 +82,9 @@ from flowtransfer.training import (
     summarise,
     write_results,
 )
-from flowtransfer.training.results import result_row
+from flowtransfer.training.distributed import current_context
+from flowtransfer.training.evaluation import method_device
+from flowtransfer.training.results import UNCONVERGED_MARK, format_budget_table, result_row, unconverged
 from flowtransfer.training.seeding import seed_everything
 
 __all__ = [
@@ -82,7 +100,12 @@ __all__ = [
     "DEFAULT_METHODS",
     "COMPLETE_DATA_METHODS",
     "VALID_MASK_SEED_OFFSET",
+    "STAGES",
+    "DEVICES",
     "main_metrics",
+    "stage_cap",
+    "combine_budgets",
+    "planned_steps",
 ]
 
 #: what ``flowtransfer run`` compares by default
@@ -95,6 +118,10 @@ BOUND_METHODS = frozenset({"upper_bound"})
 DEFAULT_RATES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 #: the fixed validation mask of seed ``k`` is drawn with seed ``k + VALID_MASK_SEED_OFFSET``
 VALID_MASK_SEED_OFFSET = 104729
+#: the training stages of a staged method (one with ``set_stage``), in order
+STAGES: tuple[str, ...] = ("complete", "recovery")
+#: accepted values of :attr:`ExperimentConfig.device`
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -113,8 +140,16 @@ class ExperimentConfig:
         preset: model size preset for DiCMoR and the fusion models (``small``, ``mosi``, ``mosei``);
             ``None`` picks ``small`` for the synthetic data and ``mosi`` otherwise.
         epochs, batch_size, lr, weight_decay, early_stop_patience, grad_clip_norm: trainer settings.
-            Each stage of a staged method (DiCMoR: ``complete`` then ``recovery``) gets ``epochs``,
-            so under a capped budget it takes up to twice the optimiser steps of one-stage methods.
+            ``epochs`` limits each stage of a staged method (DiCMoR: ``complete`` then
+            ``recovery``); ``max_steps`` is what makes budgets equal.
+        lr_plateau_patience: epochs without improvement before the learning rate is halved; None
+            disables the schedule. The default 5 is the trainer's, which with
+            ``early_stop_patience=4`` never acts: set it below the early-stopping patience for the
+            plateau rule to reduce the rate before stopping.
+        max_steps: **one cap on the optimiser steps of every method** (None = no cap). A staged
+            method shares it between its stages: see :func:`stage_cap`. At least ``len(STAGES)``.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available, else CPU), for training
+            and evaluation; ``"cuda"`` without CUDA is refused by :meth:`validate`.
         valid_missing_rate: missing rate of the fixed validation mask used to select methods that
             train under missing modalities.
         max_steps_per_epoch: cut epochs short (quick runs and tests).
@@ -146,6 +181,9 @@ class ExperimentConfig:
     grad_clip_norm: float | None = 5.0
     valid_missing_rate: float = 0.3
     max_steps_per_epoch: int | None = None
+    lr_plateau_patience: int | None = 5
+    max_steps: int | None = None
+    device: str = "auto"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset_options: dict[str, Any] = field(default_factory=dict)
     train_eta: float | None = None
@@ -157,13 +195,20 @@ class ExperimentConfig:
     def resolved_preset(self) -> str:
         return self.preset or ("small" if self.dataset == "synthetic" else "mosi")
 
+    def resolved_device(self) -> str:
+        """``device`` with ``"auto"`` resolved: ``"cuda"`` when CUDA is available, else ``"cpu"``."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
     def train_config(self, task: str, seed: int, **changes: Any) -> TrainConfig:
         """The :class:`TrainConfig` of one training stage (validated by ``TrainConfig`` itself)."""
         settings: dict[str, Any] = dict(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             early_stop_patience=self.early_stop_patience, grad_clip_norm=self.grad_clip_norm,
             monitor=_monitor(task), seed=seed, progress=self.progress,
-            max_steps_per_epoch=self.max_steps_per_epoch,
+            max_steps_per_epoch=self.max_steps_per_epoch, lr_plateau_patience=self.lr_plateau_patience,
+            max_steps=self.max_steps, device=self.resolved_device(),
         )
         settings.update(changes)
         return TrainConfig(**settings)
@@ -215,6 +260,17 @@ class ExperimentConfig:
             raise InputError(f"train_eta must lie in (0, 1], got {self.train_eta!r}")
         if not isinstance(self.out, str) or not self.out:
             raise InputError(f"out must be a folder path, got {self.out!r}")
+        if self.max_steps is not None and (
+            not isinstance(self.max_steps, (int, np.integer)) or isinstance(self.max_steps, bool)
+            or self.max_steps < len(STAGES)
+        ):
+            raise InputError(f"max_steps must be an integer >= {len(STAGES)} (a staged method shares it between "
+                             f"its {len(STAGES)} stages) or None, got {self.max_steps!r}")
+        if self.device not in DEVICES:
+            raise InputError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise InputError("device 'cuda' was asked for but this machine has no usable CUDA device "
+                             "(torch.cuda.is_available() is False); use device 'cpu' or 'auto'")
         try:
             self.train_config("classification", 0)
         except (ValueError, TypeError) as err:
@@ -259,23 +315,100 @@ def _monitor(task: str) -> str:
     return "mae" if task == "regression" else "acc"
 
 
+def stage_cap(max_steps: int | None, n_stages: int, index: int, used: int) -> int | None:
+    """The step cap of stage ``index`` (0-based) of a method whose ``n_stages`` stages share
+    ``max_steps``, when the stages before it took ``used`` steps in all.
+
+    The rule: every stage after this one is guaranteed an equal share, ``max_steps // n_stages``
+    steps; this stage may use the rest of what is left, and what it leaves unused passes on to the
+    next. For two stages (DiCMoR) the ``complete`` stage gets at most ``ceil(max_steps / 2)`` and
+    the ``recovery`` stage everything the ``complete`` stage left (at least ``max_steps // 2``); the
+    stages never take more than ``max_steps`` together.
+
+    Args:
+        max_steps: the method's cap (None: no cap, returns None).
+        n_stages: the method's number of stages.
+        index: this stage's position, ``0 <= index < n_stages``.
+        used: steps the earlier stages took.
+
+    Raises:
+        ValueError: a bad ``n_stages``/``index``, or nothing left for this stage.
+    """
+    if n_stages < 1 or not 0 <= index < n_stages:
+        raise ValueError(f"stage_cap: need n_stages >= 1 and 0 <= index < n_stages, got {n_stages}, {index}")
+    if max_steps is None:
+        return None
+    cap = max_steps - used - (n_stages - 1 - index) * (max_steps // n_stages)
+    if cap < 1:
+        raise ValueError(f"stage_cap: no step left for stage {index} (max_steps {max_steps}, used {used}, "
+                         f"{n_stages} stages)")
+    return cap
+
+
+def combine_budgets(stages: Sequence[tuple[str | None, Any]]) -> dict[str, Any]:
+    """The budget columns of a result row from the :class:`~flowtransfer.training.FitResult` of
+    each stage, in training order (``(stage name or None, result)``).
+
+    ``steps``: the sum over stages (what the cap bounds). ``best_step``: the steps taken before the
+    final weights were selected, counted over the whole training (every earlier stage's steps plus
+    the last stage's ``best_step``). ``stop_reason``: the last stage's (the one that produced the
+    final weights). ``improving_at_stop``: True if **any** stage ended on its cap or the epoch
+    limit while still improving. Staged methods also get ``stage_stops``, for example
+    ``"complete=plateau@120,recovery=cap@200"`` (each stage's stop reason and steps).
+    """
+    if not stages:
+        raise ValueError("combine_budgets: no stage results")
+    earlier = sum(int(r.steps) for _, r in stages[:-1])
+    last = stages[-1][1]
+    out: dict[str, Any] = {
+        "steps": earlier + int(last.steps),
+        "best_step": earlier + int(last.best_step),
+        "stop_reason": last.stop_reason,
+        "improving_at_stop": any(bool(r.improving_at_stop) for _, r in stages),
+    }
+    if len(stages) > 1 or stages[0][0] is not None:
+        out["stage_stops"] = ",".join(f"{name}={r.stop_reason}@{r.steps}" for name, r in stages)
+    return out
+
+
+def _stages_of(method: Any) -> list[str | None]:
+    return list(STAGES) if hasattr(method, "set_stage") else [None]
+
+
+def planned_steps(cfg: ExperimentConfig, n_train: int, n_stages: int = 1, world_size: int = 1) -> int:
+    """The most optimiser steps one training of ``cfg`` can take on ``n_train`` samples: each of
+    ``n_stages`` stages at most ``epochs x steps per epoch``, all together at most ``max_steps``."""
+    per_stage = cfg.train_config("classification", 0).planned_steps(n_train, world_size)
+    total = per_stage * n_stages
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
 def _fit(method: Any, train: MultimodalDataset, valid: MultimodalDataset, valid_mask: np.ndarray | None,
-         cfg: ExperimentConfig, seed: int, ckpt: Path) -> float:
-    """Train ``method`` (both stages when it has them); return training seconds.
+         cfg: ExperimentConfig, seed: int, ckpt: Path,
+         on_epoch_end: Callable[[Any, dict[str, Any]], None] | None = None) -> tuple[float, dict[str, Any]]:
+    """Train ``method`` (both stages when it has them); return ``(training seconds, budget)``,
+    ``budget`` being :func:`combine_budgets` of the stages.
 
     ``valid`` is the complete validation split; ``valid_mask`` (or None) the presence mask under
     which methods that train with missing modalities are selected. A ``complete`` stage always
-    selects on complete validation data. With ``cfg.resume`` every stage continues from its last
-    complete checkpoint (a finished stage only reloads its best weights)."""
+    selects on complete validation data. The stages share ``cfg.max_steps`` (:func:`stage_cap`).
+    With ``cfg.resume`` every stage continues from its last complete checkpoint (a finished stage
+    only reloads its best weights); each stage's cap depends only on the steps of the stages
+    before it, so a resumed run gets the same caps."""
     start = time.perf_counter()
-    stages = ["complete", "recovery"] if hasattr(method, "set_stage") else [None]
-    for stage in stages:
+    stages = _stages_of(method)
+    results: list[tuple[str | None, Any]] = []
+    used = 0
+    for i, stage in enumerate(stages):
         if stage is not None:
             method.set_stage(stage)
         stage_valid = valid if stage == "complete" or valid_mask is None else valid.with_mask(valid_mask)
-        train_cfg = cfg.train_config(train.task, seed, checkpoint_dir=str(ckpt / (stage or "single")), resume=cfg.resume)
-        Trainer(method, train_cfg).fit(train, stage_valid)
-    return time.perf_counter() - start
+        train_cfg = cfg.train_config(train.task, seed, checkpoint_dir=str(ckpt / (stage or "single")), resume=cfg.resume,
+                                     max_steps=stage_cap(cfg.max_steps, len(stages), i, used))
+        result = Trainer(method, train_cfg, on_epoch_end=on_epoch_end).fit(train, stage_valid)
+        used += result.steps
+        results.append((stage, result))
+    return time.perf_counter() - start, combine_budgets(results)
 
 
 def load_splits(
@@ -353,7 +486,7 @@ def train_method(
     if name not in COMPLETE_DATA_METHODS and cfg.train_eta is None:
         valid_mask = _within(valid, random_missing_mask(len(valid), valid.modalities, cfg.valid_missing_rate,
                                                         seed=seed + VALID_MASK_SEED_OFFSET))
-    seconds = _fit(method, train, valid, valid_mask, cfg, seed, checkpoint_dir)
+    seconds, _ = _fit(method, train, valid, valid_mask, cfg, seed, checkpoint_dir)
     return method, seconds
 
 
@@ -395,16 +528,21 @@ def evaluate_method(
     train_seconds: float | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    budget: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One result row per setting: task metrics of ``method`` on ``test`` under each mask, and
-    recovery distances where something is missing (``setting name -> (N, M) mask``).
+    recovery distances where something is missing (``setting name -> (N, M) mask``). ``budget``
+    (:func:`combine_budgets`: ``steps``, ``best_step``, ``stop_reason``, ``improving_at_stop``)
+    is copied into every row.
 
     Test data that lacks modalities itself is handled: see :func:`_setting_view`; the recovery
     distances use the samples that have every modality (real features are needed where the
     setting removes one)."""
     complete_rows = np.flatnonzero(test.mask.all(axis=1))
     rows: list[dict[str, Any]] = []
-    for setting, mask in tqdm(list(masks.items()), desc=f"evaluate {name}", disable=not progress, leave=False):
+    # a bar on a terminal only (disable=None): log files get the run's progress lines instead
+    for setting, mask in tqdm(list(masks.items()), desc=f"evaluate {name}", disable=None if progress else True,
+                              leave=False):
         view, eff, left_out = _setting_view(test, mask)
         if view is None:
             log(f"[seed {seed}] {name}: setting {setting} leaves no test sample with a modality; skipped")
@@ -414,7 +552,8 @@ def evaluate_method(
             metrics.update(recovery_distances(method, test, eff))
         elif len(complete_rows):
             metrics.update(recovery_distances(method, test.subset(complete_rows), np.asarray(mask, bool)[complete_rows]))
-        extra = {"samples_without_input": left_out} if left_out else {}
+        extra: dict[str, Any] = {"samples_without_input": left_out} if left_out else {}
+        extra.update(budget or {})
         rows.append(result_row(name, dataset, setting, seed, metrics, realised_missing_rate=float(1.0 - eff.mean()),
                                train_seconds=train_seconds, **extra))
     return rows
@@ -465,6 +604,7 @@ def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -
         return {}
     complete = test.with_mask(np.ones_like(mask))
     masked = test.with_mask(mask)
+    device = method_device(method)
     real: dict[str, list[np.ndarray]] = {}
     rec: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
@@ -472,6 +612,7 @@ def recovery_distances(method: Any, test: MultimodalDataset, mask: np.ndarray) -
         method.eval()
         try:
             for full_batch, miss_batch in zip(_chunks(complete), _chunks(masked)):
+                full_batch, miss_batch = full_batch.to(device), miss_batch.to(device)
                 enc = method.encode(full_batch)
                 out = method.recover(miss_batch)
                 for j, m in enumerate(test.modalities):
@@ -548,47 +689,30 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         f"modalities {dict(train.input_dims)}, lengths {dict(train.seq_lens)}, task {train.task}")
     log(f"methods {list(cfg.methods)}, seeds {list(cfg.seeds)}, {len(settings)} settings, preset {cfg.resolved_preset()}")
 
+    world = current_context().world_size
+    n_stages = {name: len(_declared_stages(name)) for name in cfg.methods}
+    progress = _RunProgress(
+        sum(planned_steps(cfg, len(train), n_stages[name], world) for name in cfg.methods) * len(cfg.seeds),
+        enabled=cfg.progress and main_process, log=log,
+    )
     rows: list[dict[str, Any]] = []
-    for seed in cfg.seeds:
-        masks = {s.name: s.mask(len(test), seed) for s in settings}
-        if main_process:
-            save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
-        valid_mask: np.ndarray | None = _within(valid, random_missing_mask(
-            len(valid), modalities, cfg.valid_missing_rate, seed=seed + VALID_MASK_SEED_OFFSET))
-        if cfg.train_eta is not None:
-            valid_mask = None  # the validation split already carries the training setting's mask
-        trained: dict[str, tuple[str, dict[str, Tensor]]] = {}  # training key -> (method, weights)
-        for name in cfg.methods:
-            method = build_seeded(name, info, cfg, seed)
-            sel_mask = None if name in COMPLETE_DATA_METHODS else valid_mask
-            key = _training_key(method, sel_mask is None)
-            if key is not None and key in trained:
-                twin, weights = trained[key]
-                method.load_state_dict(weights)
-                seconds = 0.0
-                log(f"[seed {seed}] {name}: the same network, data, selection and seed as {twin}; "
-                    f"its trained weights are reused")
-            else:
-                note = " (resuming from its last checkpoint, if any)" if cfg.resume else ""
-                log(f"[seed {seed}] training {name}{note} ...")
-                seconds = _fit(method, train, valid, sel_mask, cfg, seed, out / "checkpoints" / name / f"seed{seed}")
-                if key is not None:
-                    trained[key] = (name, {k: v.detach().clone() for k, v in method.state_dict().items()})
-            method.eval()
-            evals = {"complete": np.ones((len(test), len(modalities)), dtype=bool)} if name in BOUND_METHODS else masks
-            rows += evaluate_method(method, name, cfg.dataset, test, evals, seed, train_seconds=seconds,
-                                    progress=cfg.progress, log=log)
-            if main_process:
-                write_results(rows, out)
-            if seconds:
-                log(f"[seed {seed}] {name}: trained in {seconds:.0f} s")
+    first_trained: dict[str, Any] = {}  # method name -> trained method of the first seed (for the report)
+    try:
+        rows = _train_and_evaluate(cfg, train, valid, test, info, settings, out, main_process, progress,
+                                   n_stages, first_trained, log)
+    finally:
+        progress.close()
 
     if not main_process:
         return rows
     summary = summarise(rows)
     metric_names = main_metrics(train.task) + ["fd_recovered", "fd_zero_fill", "fd_mean_fill", "recovered_nonfinite"]
-    table = format_table(summary, metrics=[m for m in metric_names if any(m in r for r in rows)])
+    flagged = unconverged(rows)
+    marks = {method: UNCONVERGED_MARK for method, _ in flagged}
+    table = format_table(summary, metrics=[m for m in metric_names if any(m in r for r in rows)], marks=marks)
+    table += "\n" + format_budget_table(rows)
     header = (f"flowtransfer run: dataset={cfg.dataset} task={train.task} seeds={list(cfg.seeds)} "
+              f"max_steps={cfg.max_steps} epochs={cfg.epochs} "
               f"(mean ± std over seeds; percentages x100; fd_* are Fréchet distances, lower is closer)\n")
     atomic_write_text(out / "table.txt", header + table + "\n")
     _write_summary_csv(summary, out / "summary.csv")
@@ -600,8 +724,165 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     except ImportError:  # plotting is optional for the run itself
         pass
     log(header + table)
+    from flowtransfer.report import finish_run  # lazily: the report module is optional for training
+
+    finish_run(out, cfg, {"train": train, "valid": valid, "test": test}, rows, first_trained, log)
     log(f"results written to {out.resolve()}")
     return rows
+
+
+def _train_and_evaluate(
+    cfg: ExperimentConfig, train: MultimodalDataset, valid: MultimodalDataset, test: MultimodalDataset,
+    info: DatasetInfo, settings: Sequence[MissingSetting], out: Path, main_process: bool, progress: _RunProgress,
+    n_stages: Mapping[str, int], first_trained: dict[str, Any], log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The (seed, method) loop of :func:`run_experiment`: train, evaluate, write rows after each."""
+    modalities = train.modalities
+    world = current_context().world_size
+    rows: list[dict[str, Any]] = []
+    for seed in cfg.seeds:
+        masks = {s.name: s.mask(len(test), seed) for s in settings}
+        if main_process:
+            save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
+        valid_mask: np.ndarray | None = _within(valid, random_missing_mask(
+            len(valid), modalities, cfg.valid_missing_rate, seed=seed + VALID_MASK_SEED_OFFSET))
+        if cfg.train_eta is not None:
+            valid_mask = None  # the validation split already carries the training setting's mask
+        # training key -> (method name, weights, budget, device)
+        trained: dict[str, tuple[str, dict[str, Tensor], dict[str, Any], torch.device]] = {}
+        for name in cfg.methods:
+            method = build_seeded(name, info, cfg, seed)
+            sel_mask = None if name in COMPLETE_DATA_METHODS else valid_mask
+            key = _training_key(method, sel_mask is None)
+            planned = planned_steps(cfg, len(train), n_stages[name], world)
+            if key is not None and key in trained:
+                twin, weights, budget, device = trained[key]
+                method.load_state_dict(weights)
+                method.to(device)
+                seconds = 0.0
+                progress.replan(-planned)
+                log(f"[seed {seed}] {name}: the same network, data, selection and seed as {twin}; "
+                    f"its trained weights are reused")
+            else:
+                note = " (resuming from its last checkpoint, if any)" if cfg.resume else ""
+                log(f"[seed {seed}] training {name}{note} ...")
+                actual = len(_stages_of(method))
+                if actual != n_stages[name]:  # a factory whose stages could not be read in advance
+                    progress.replan(planned_steps(cfg, len(train), actual, world) - planned)
+                    planned = planned_steps(cfg, len(train), actual, world)
+                taken = progress.training_started()
+                seconds, budget = _fit(method, train, valid, sel_mask, cfg, seed,
+                                       out / "checkpoints" / name / f"seed{seed}", on_epoch_end=progress.on_epoch_end)
+                progress.replan(progress.taken_since(taken) - planned)  # stopped early or resumed: fewer steps
+                progress.report(f"seed {seed} {name}: {budget['steps']} steps, stopped on {budget['stop_reason']}")
+                if key is not None:
+                    trained[key] = (name, {k: v.detach().clone() for k, v in method.state_dict().items()}, budget,
+                                    method_device(method))
+            method.eval()
+            if seed == cfg.seeds[0]:
+                first_trained[name] = method
+            evals = {"complete": np.ones((len(test), len(modalities)), dtype=bool)} if name in BOUND_METHODS else masks
+            rows += evaluate_method(method, name, cfg.dataset, test, evals, seed, train_seconds=seconds,
+                                    progress=cfg.progress, log=log, budget=budget)
+            if main_process:
+                write_results(rows, out)
+            if seconds:
+                improving = " while still improving" if budget["improving_at_stop"] else ""
+                log(f"[seed {seed}] {name}: trained in {seconds:.0f} s, {budget['steps']} steps "
+                    f"(best at {budget['best_step']}), stopped on {budget['stop_reason']}{improving}")
+    return rows
+
+
+def _declared_stages(name: str) -> list[str | None]:
+    """The stages of registered method ``name`` as far as its factory shows them before anything is
+    built (a class, or a function annotated to return one); ``[None]`` otherwise. Only for
+    planning: :func:`_fit` reads the stages of the built method."""
+    import typing
+
+    from flowtransfer.methods.base import METHODS
+
+    factory = METHODS.get(name)
+    target = factory
+    if factory is not None and not isinstance(factory, type):
+        try:
+            target = typing.get_type_hints(factory).get("return")
+        except Exception:  # noqa: BLE001 - unresolvable annotations: plan one stage
+            target = None
+    return list(STAGES) if isinstance(target, type) and hasattr(target, "set_stage") else [None]
+
+
+class _RunProgress:
+    """One bar over every training of a run: optimiser steps done against planned, with an ETA.
+
+    On a terminal a tqdm bar (unit: optimiser steps); otherwise log lines, after every training and
+    at most once a minute in between. Disabled: silent. ``replan`` changes the total as trainings
+    stop early, are resumed or are skipped (a reused twin)."""
+
+    def __init__(self, total: int, enabled: bool, log: Callable[[str], None]) -> None:
+        import sys
+
+        self.total, self.done, self.enabled = int(total), 0, enabled
+        self.start = time.perf_counter()
+        self._last_log = self.start
+        self._log = log
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=self.total, desc="run", unit="step", dynamic_ncols=True, position=0, leave=True)
+
+    def training_started(self) -> int:
+        """A token for :meth:`taken_since` (the steps done so far)."""
+        return self.done
+
+    def taken_since(self, token: int) -> int:
+        return self.done - token
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        """The trainer's per-epoch callback: advance by the steps of that epoch."""
+        previous = trainer.history[-2]["steps"] if len(trainer.history) > 1 else 0
+        self.advance(int(record["steps"]) - int(previous))
+        if self.bar is None and self.enabled and time.perf_counter() - self._last_log >= 60.0:
+            self.report("")
+
+    def advance(self, steps: int) -> None:
+        self.done += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def replan(self, delta: int) -> None:
+        self.total = max(self.done, self.total + int(delta))
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def eta_seconds(self) -> float:
+        """Remaining planned steps at the rate measured so far (NaN before the first step)."""
+        elapsed = time.perf_counter() - self.start
+        if self.done == 0 or elapsed <= 0:
+            return math.nan
+        return (self.total - self.done) * elapsed / self.done
+
+    def report(self, what: str) -> None:
+        """A log line (when there is no bar): steps done / planned, elapsed, ETA."""
+        if not self.enabled or self.bar is not None:
+            return
+        self._last_log = time.perf_counter()
+        elapsed = self._last_log - self.start
+        eta = self.eta_seconds()
+        share = self.done / self.total if self.total else 1.0
+        self._log(f"progress: {self.done}/{self.total} optimiser steps ({share:.0%}), elapsed {_clock(elapsed)}, "
+                  f"ETA {'-' if math.isnan(eta) else _clock(eta)}" + (f"  [{what}]" if what else ""))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def _write_summary_csv(summary: Sequence[dict[str, Any]], path: Path) -> None:

@@ -147,8 +147,9 @@ def test_torchrun_two_processes_train_dicmor(tmp_path) -> None:
 
 def test_methods_without_recovery_get_no_distances(tmp_path) -> None:
     """Methods that recover nothing (here MMANet and the unimodal model) run through the main job;
-    their rows simply carry no Fréchet distances."""
-    cfg = ExperimentConfig(methods=("mmanet", "unimodal"), seeds=(0,), rates=(0.5,), patterns=False, epochs=1,
+    their rows simply carry no Fréchet distances. (Two epochs: MMANet refuses a budget that leaves
+    no epoch after its warm-up.)"""
+    cfg = ExperimentConfig(methods=("mmanet", "unimodal"), seeds=(0,), rates=(0.5,), patterns=False, epochs=2,
                            batch_size=32, max_steps_per_epoch=1, dataset_options=TINY, out=str(tmp_path),
                            progress=False)
     rows = run_experiment(cfg, log=lambda _: None)
@@ -171,3 +172,150 @@ def test_upper_bound_reuses_zero_fill_training_and_equals_training_it_alone(tiny
     assert alone["train_seconds"] > 0
     for metric in ("acc", "f1_macro"):
         assert alone[metric] == shared[0][metric]
+
+
+# ------------------------------------------------------------------------------ budget, device, progress
+
+SMALL = {"n_train": 64, "n_valid": 32, "n_test": 32}
+
+
+def _budget_cfg(tmp_path, **changes) -> ExperimentConfig:
+    settings = dict(methods=("dicmor", "zero_fill"), seeds=(0,), rates=(0.5,), patterns=False, epochs=3,
+                    batch_size=32, max_steps_per_epoch=2, max_steps=5, preset="small", dataset_options=SMALL,
+                    out=str(tmp_path), progress=False)
+    settings.update(changes)
+    return ExperimentConfig(**settings)
+
+
+def test_stage_caps_share_one_budget() -> None:
+    from flowtransfer.experiment import stage_cap
+
+    assert stage_cap(None, 2, 0, 0) is None
+    assert stage_cap(10, 2, 0, 0) == 5 and stage_cap(11, 2, 0, 0) == 6  # the later stage keeps 11 // 2 = 5
+    assert stage_cap(11, 2, 1, 6) == 5 and stage_cap(11, 2, 1, 2) == 9  # what the first stage left
+    assert stage_cap(12, 3, 0, 0) == 4 and stage_cap(12, 3, 1, 1) == 7 and stage_cap(12, 3, 2, 5) == 7
+    assert stage_cap(7, 1, 0, 0) == 7
+    with pytest.raises(ValueError, match="no step left"):
+        stage_cap(4, 2, 1, 4)
+    with pytest.raises(ValueError, match="index"):
+        stage_cap(4, 2, 2, 0)
+
+
+def test_combine_budgets_over_stages() -> None:
+    from flowtransfer.experiment import combine_budgets
+    from flowtransfer.training import FitResult
+
+    def fit(steps, best, reason, improving):
+        return FitResult(best_epoch=0, best_score=0.0, monitor="acc", mode="max", steps=steps, best_step=best,
+                         stop_reason=reason, improving_at_stop=improving)
+
+    staged = combine_budgets([("complete", fit(30, 20, "cap", True)), ("recovery", fit(50, 10, "plateau", False))])
+    assert staged == {"steps": 80, "best_step": 40, "stop_reason": "plateau", "improving_at_stop": True,
+                      "stage_stops": "complete=cap@30,recovery=plateau@50"}
+    assert combine_budgets([(None, fit(7, 3, "epochs", False))]) == {
+        "steps": 7, "best_step": 3, "stop_reason": "epochs", "improving_at_stop": False}
+
+
+def test_rows_carry_the_budget_and_stages_share_the_cap(tmp_path) -> None:
+    from flowtransfer.training import load_checkpoint
+
+    rows = run_experiment(_budget_cfg(tmp_path), log=lambda _: None)
+    by = {r["method"]: r for r in rows}
+    # DiCMoR's two stages share the cap of 5: complete gets ceil(5/2) = 3, recovery the 2 left
+    assert by["dicmor"]["steps"] == 5 and by["dicmor"]["stage_stops"] == "complete=cap@3,recovery=cap@2"
+    assert load_checkpoint(tmp_path / "checkpoints" / "dicmor" / "seed0" / "complete" / "last.pt")["steps"] == 3
+    assert load_checkpoint(tmp_path / "checkpoints" / "dicmor" / "seed0" / "recovery" / "last.pt")["steps"] == 2
+    assert by["zero_fill"]["steps"] == 5 and "stage_stops" not in by["zero_fill"]
+    for r in rows:
+        assert r["stop_reason"] == "cap" and isinstance(r["improving_at_stop"], bool)
+        assert 0 < r["best_step"] <= r["steps"]
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {"steps", "best_step", "stop_reason", "improving_at_stop"} <= set(table[0])
+    from flowtransfer.training import read_results
+
+    back = read_results(tmp_path / "results.csv")
+    assert back[0]["improving_at_stop"] is by[back[0]["method"]]["improving_at_stop"]
+    text = (tmp_path / "table.txt").read_text()
+    assert "stopped on" in text and "max_steps=5" in text
+    flagged = [r["method"] for r in rows if r["improving_at_stop"]]
+    for m in flagged:  # the table says next to the method that it was still improving
+        assert f"{m} (!)" in text
+    assert ("(!)" in text) == bool(flagged)
+
+
+def test_without_a_cap_the_epoch_limit_is_the_stop(tmp_path) -> None:
+    rows = run_experiment(_budget_cfg(tmp_path, methods=("zero_fill",), max_steps=None, epochs=2),
+                          log=lambda _: None)
+    assert rows[0]["steps"] == 4 and rows[0]["stop_reason"] == "epochs"
+
+
+def test_resume_under_a_shared_cap_is_bit_identical(tmp_path, monkeypatch) -> None:
+    import flowtransfer.training.trainer as trainer_module
+
+    straight = run_experiment(_budget_cfg(tmp_path / "a", methods=("dicmor",), max_steps=6), log=lambda _: None)
+    original = trainer_module.Trainer._checkpoint
+    calls = {"n": 0}
+
+    class Killed(Exception):
+        pass
+
+    def checkpoint_then_die(self, improved):
+        original(self, improved)
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the recovery stage's first epoch
+            raise Killed
+
+    monkeypatch.setattr(trainer_module.Trainer, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(Killed):
+        run_experiment(_budget_cfg(tmp_path / "b", methods=("dicmor",), max_steps=6), log=lambda _: None)
+    monkeypatch.setattr(trainer_module.Trainer, "_checkpoint", original)
+    resumed = run_experiment(_budget_cfg(tmp_path / "b", methods=("dicmor",), max_steps=6, resume=True),
+                             log=lambda _: None)
+    drop = {"train_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in resumed]
+
+
+def test_cuda_without_cuda_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    import torch
+
+    import flowtransfer.experiment as experiment
+    from flowtransfer.io import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(experiment, "load_splits", lambda *a, **k: pytest.fail("data loaded before the check"))
+    out = tmp_path / "never"
+    with pytest.raises(InputError, match="device 'cuda'.*no usable CUDA"):
+        run_experiment(_budget_cfg(out, device="cuda"), log=lambda _: None)
+    assert not out.exists()
+    with pytest.raises(InputError, match="device must be one of"):
+        _budget_cfg(out, device="tpu").validate()
+    with pytest.raises(InputError, match="max_steps must be an integer >= 2"):
+        _budget_cfg(out, max_steps=1).validate()
+    cfg = _budget_cfg(out, device="auto")
+    assert cfg.resolved_device() == "cpu" and cfg.train_config("classification", 0).device == "cpu"
+
+
+def test_progress_lines_with_eta_and_the_report_hook(tmp_path, monkeypatch) -> None:
+    import flowtransfer.report
+
+    calls = []
+    monkeypatch.setattr(flowtransfer.report, "finish_run",
+                        lambda out, cfg, splits, rows, trained, log: calls.append((out, cfg, splits, rows, trained)))
+    lines: list[str] = []
+    cfg = _budget_cfg(tmp_path, methods=("zero_fill", "upper_bound"), seeds=(0, 1), progress=True, max_steps=3)
+    rows = run_experiment(cfg, log=lines.append)
+    progress = [line for line in lines if line.startswith("progress:")]
+    # one line per training: planned 3 steps for each of the 4 (seed, method) trainings; the bound
+    # reuses zero_fill's weights, so its planned steps are dropped when it comes
+    assert len(progress) == 2 and "ETA" in progress[0]
+    assert progress[0].startswith("progress: 3/12 optimiser steps") and progress[1].startswith("progress: 6/9")
+    (out, got_cfg, splits, got_rows, trained), = calls
+    assert out == tmp_path and got_cfg is cfg and got_rows == rows and set(splits) == {"train", "valid", "test"}
+    assert set(trained) == {"zero_fill", "upper_bound"}
+    assert all(not m.training for m in trained.values())
+    # progress=False: no progress lines
+    lines.clear()
+    run_experiment(_budget_cfg(tmp_path / "quiet", methods=("zero_fill",)), log=lines.append)
+    assert not any(line.startswith("progress:") for line in lines)

@@ -107,3 +107,36 @@ def test_format_table():
     assert "0.81 ± 0.01" in raw
     with pytest.raises(ValueError, match="unknown metric"):
         format_table(summarise(rows()), metrics=["f1"])
+
+
+def budget_rows():
+    from flowtransfer.training.results import result_row
+
+    out = []
+    for method, budgets in (("dicmor", [(100, 80, "cap", True), (100, 40, "plateau", False)]),
+                            ("zero_fill", [(60, 30, "plateau", False), (70, 35, "plateau", False)])):
+        for seed, (steps, best, reason, improving) in enumerate(budgets):
+            for setting in ("mr=0.0", "mr=0.5"):
+                out.append(result_row(method, "toy", setting, seed, {"acc": 0.5}, steps=steps, best_step=best,
+                                      stop_reason=reason, improving_at_stop=improving))
+    return out
+
+
+def test_budget_table_flags_methods_still_improving(tmp_path):
+    from flowtransfer.training.results import budget_records, format_budget_table, unconverged
+
+    write_results(budget_rows(), tmp_path)
+    for source in (budget_rows(), read_results(tmp_path / "results.csv"), read_results(tmp_path / "results.json")):
+        assert len(budget_records(source)) == 4  # one per training, not per setting
+        assert unconverged(source) == {("dicmor", "toy"): [0]}
+        text = format_budget_table(source)
+        lines = text.splitlines()
+        assert lines[2].split()[:3] == ["dicmor", "(!)", "toy"] and "cap 1, plateau 1" in lines[2]
+        assert "100 ± 0" in lines[2] and lines[2].rstrip().endswith("0")
+        assert lines[3].startswith("zero_fill ") and "65 ± 7" in lines[3] and lines[3].rstrip().endswith("-")
+        assert "not converged" in text
+    assert read_results(tmp_path / "results.csv")[0]["improving_at_stop"] is True
+    table = format_table(summarise(budget_rows()), metrics=["acc"], marks={"dicmor": " (!)"})
+    assert "dicmor (!)" in table and "zero_fill (!)" not in table and "still improving" in table
+    assert "(!)" not in format_table(summarise(budget_rows()), metrics=["acc"])
+    assert format_budget_table([{"method": "m", "dataset": "d", "setting": "s", "seed": 0}]) == ""

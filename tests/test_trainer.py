@@ -599,3 +599,16 @@ def test_resume_under_a_cap_matches_uninterrupted_run(tmp_path):
     again, c = run(tmp_path / "split", 6, True, init_seed=7)
     assert c.steps == 13 and len(c.history) == 3
     assert_same(params_of(straight), params_of(again))
+
+
+def test_planned_epochs_follow_the_cap():
+    trainer = Trainer(PooledLinear(), TrainConfig(epochs=9, batch_size=16, max_steps=10, **QUIET))
+    assert trainer.planned_epochs is None  # no training set yet
+    seen = []
+
+    class Hooked(PooledLinear):
+        def on_epoch_start(self, epoch, trainer):
+            seen.append(trainer.planned_epochs)
+
+    Trainer(Hooked(), TrainConfig(epochs=9, batch_size=16, max_steps=10, **QUIET)).fit(make_data(64, 0), make_data(8, 1))
+    assert seen == [3, 3, 3]  # 4 steps per epoch: ceil(10 / 4)

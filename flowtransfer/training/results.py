@@ -13,6 +13,13 @@ order it first appears across the rows (the metric keys, united over rows), then
 numeric column, ``<col>_mean`` and ``<col>_std`` over seeds. The standard deviation is the sample
 one (``ddof=1``) when a group has more than one seed, and **0 for a single seed** (``n_seeds`` says
 how many there were; :func:`format_table` then shows the mean alone). NaN values propagate.
+
+Budget columns (:data:`BUDGET_COLUMNS`, written by :func:`flowtransfer.experiment.run_experiment`):
+``steps`` and ``best_step`` (optimiser steps taken, and taken when the selected weights were
+recorded), ``stop_reason`` (``plateau``, ``cap`` or ``epochs``) and ``improving_at_stop`` (True
+when the run ended on the cap or the epoch limit while the validation score was still improving).
+:func:`format_budget_table` shows them per method, :func:`unconverged` lists the methods and seeds
+that stopped while still improving; ``format_table(..., marks=...)`` flags those methods.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ __all__ = [
     "read_results",
     "summarise",
     "format_table",
+    "BUDGET_COLUMNS",
+    "budget_records",
+    "unconverged",
+    "format_budget_table",
 ]
 
 #: columns that identify a row, in this order, before every metric column
@@ -53,6 +64,8 @@ _INT_COLUMNS = ("seed",)
 PERCENT_METRICS: frozenset[str] = frozenset(
     {"acc", "f1_macro", "f1_weighted", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "acc3"}
 )
+#: the training-budget columns of a result row (the same in every setting row of a training)
+BUDGET_COLUMNS: tuple[str, ...] = ("steps", "best_step", "stop_reason", "improving_at_stop")
 #: summary columns that are not per-metric statistics
 _SUMMARY_META = ("n_seeds", "seeds")
 
@@ -157,6 +170,8 @@ def _parse_cell(column: str, text: str) -> Any:
         return None
     if column in _STRING_COLUMNS:
         return text
+    if text in ("True", "False"):  # written from Python bools (improving_at_stop)
+        return text == "True"
     if column in _INT_COLUMNS:
         try:
             return int(text)
@@ -275,6 +290,7 @@ def format_table(
     scale: float = 100.0,
     percent_metrics: Iterable[str] = PERCENT_METRICS,
     digits: int | None = None,
+    marks: Mapping[str, str] | None = None,
 ) -> str:
     """A plain-text table with one line per group and ``"mean ± std"`` cells.
 
@@ -285,6 +301,9 @@ def format_table(
         scale: multiplier for ``percent_metrics`` (100 shows rates as percentages); other metrics
             (MAE, correlation, distances, seconds) are shown unscaled.
         digits: decimals; default 1 for scaled metrics and 3 for the others.
+        marks: text appended to the ``method`` cell of the methods it names (for example
+            ``{"dicmor": " (!)"}`` for a method stopped on the cap while still improving); a
+            footnote line explains ``" (!)"`` when it is used.
 
     A group with one seed shows the mean alone. Missing cells show ``-``.
     """
@@ -302,7 +321,8 @@ def format_table(
     header = keys + ["n"] + [f"{m} (%)" if m in percent and scale == 100.0 else m for m in metrics]
     lines: list[list[str]] = []
     for row in summary_rows:
-        cells = [str(row.get(c, "-")) for c in keys]
+        cells = [str(row.get(c, "-")) + (marks.get(str(row.get(c)), "") if marks and c == "method" else "")
+                 for c in keys]
         n = int(row.get("n_seeds", 1))
         cells.append(str(n))
         for m in metrics:
@@ -326,4 +346,81 @@ def format_table(
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([render(header), rule, *(render(line) for line in lines)]) + "\n"
+    text = "\n".join([render(header), rule, *(render(line) for line in lines)]) + "\n"
+    if marks and any(v == UNCONVERGED_MARK for v in marks.values()):
+        text += f"{UNCONVERGED_MARK.strip()} stopped on the step cap or the epoch limit while still improving in some seed (not converged)\n"
+    return text
+
+
+#: the mark :func:`format_table` footnotes: a method that stopped while still improving
+UNCONVERGED_MARK = " (!)"
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value) if value is not None else False
+
+
+def budget_records(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, dataset, seed) with the budget columns (the first row of each
+    training; every setting row of one training carries the same values). Rows without a
+    ``steps`` column (runs older than the budget rule) are left out."""
+    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in _check_rows(rows):
+        if row.get("steps") is None:
+            continue
+        key = (row.get("method"), row.get("dataset"), row.get("seed"))
+        if key not in seen:
+            record = {"method": row.get("method"), "dataset": row.get("dataset"), "seed": row.get("seed")}
+            record.update({c: row.get(c) for c in BUDGET_COLUMNS})
+            record["improving_at_stop"] = _as_bool(record["improving_at_stop"])
+            seen[key] = record
+    return list(seen.values())
+
+
+def unconverged(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[int]]:
+    """``(method, dataset) -> seeds`` whose training stopped on the cap or the epoch limit while the
+    validation score was still improving (``improving_at_stop``); only methods with such a seed."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for r in budget_records(rows):
+        if r["improving_at_stop"]:
+            out.setdefault((str(r["method"]), str(r["dataset"])), []).append(int(r["seed"]))
+    return out
+
+
+def format_budget_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per method and dataset: optimiser steps (mean ± std over seeds), best step, how the seeds
+    stopped (``plateau 3, cap 2``) and which seeds were still improving when the cap or the epoch
+    limit cut them (``-`` when none). Empty string when no row carries budget columns."""
+    records = budget_records(rows)
+    if not records:
+        return ""
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["dataset"]), []).append(r)
+    header = ["method", "dataset", "n", "steps", "best_step", "stopped on", "still improving (seeds)"]
+    lines = []
+    for (method, dataset), members in groups.items():
+        steps = [float(m["steps"]) for m in members]
+        best = [float(m["best_step"]) for m in members if m["best_step"] is not None]
+        reasons: dict[str, int] = {}
+        for m in members:
+            reasons[str(m["stop_reason"])] = reasons.get(str(m["stop_reason"]), 0) + 1
+        improving = [str(m["seed"]) for m in members if m["improving_at_stop"]]
+        lines.append([
+            str(method) + (UNCONVERGED_MARK if improving else ""), str(dataset), str(len(members)),
+            format_mean_std(float(np.mean(steps)), float(np.std(steps, ddof=1)) if len(steps) > 1 else math.nan,
+                            scale=1.0, digits=0),
+            format_mean_std(float(np.mean(best)), float(np.std(best, ddof=1)) if len(best) > 1 else math.nan,
+                            scale=1.0, digits=0) if best else "-",
+            ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())),
+            ",".join(improving) if improving else "-",
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    text = "\n".join([render(header), "  ".join("-" * w for w in widths), *(render(line) for line in lines)]) + "\n"
+    if any(line[-1] != "-" for line in lines):
+        text += (f"{UNCONVERGED_MARK.strip()} still improving when the step cap or the epoch limit ended training: "
+                 "not converged at this budget\n")
+    return text

@@ -464,6 +464,19 @@ class Trainer:
         return self.context.is_main
 
     @property
+    def planned_epochs(self) -> int | None:
+        """Epochs this fit plans to run: ``epochs``, fewer when the step cap ends training sooner
+        (``ceil(max_steps / steps_per_epoch)``); early stopping can only make it fewer. None before
+        :meth:`fit` has its training set (schedules proportional to the budget read it)."""
+        if self.train_dataset is None:
+            return None
+        cfg = self.config
+        if cfg.max_steps is None:
+            return cfg.epochs
+        per_epoch = max(1, cfg.steps_per_epoch(len(self.train_dataset), self.context.world_size))
+        return min(cfg.epochs, -(-cfg.max_steps // per_epoch))
+
+    @property
     def lr(self) -> float:
         """Current learning rate of the first parameter group."""
         return float(self.optimizer.param_groups[0]["lr"])
@@ -647,10 +660,8 @@ class Trainer:
         if cfg.resume:
             self._resume()  # restores weights, optimiser, counters and every RNG state
 
-        planned_epochs = cfg.epochs
-        if cfg.max_steps is not None:
-            per_epoch = max(1, cfg.steps_per_epoch(len(train_dataset), self.context.world_size))
-            planned_epochs = min(cfg.epochs, -(-cfg.max_steps // per_epoch))
+        planned_epochs = self.planned_epochs
+        assert planned_epochs is not None
         epoch_bar = self._bar(planned_epochs, "train", leave=True, initial=min(self.epoch, planned_epochs))
         try:
             self._run_epochs(train_dataset, valid_dataset, epoch_bar)
