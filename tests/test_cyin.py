@@ -8,10 +8,10 @@ import torch
 
 from flowtransfer.data.dataset import from_arrays
 from flowtransfer.methods.base import DatasetInfo, build_method, simulate_missing
-from flowtransfer.methods.cyin import CascadedResidualAE, CyIN, ResidualAE, token_kl, translation_loss
+from flowtransfer.methods.cyin import CYIN_PRESETS, CascadedResidualAE, CyIN, ResidualAE, token_kl, translation_loss
 from flowtransfer.training.trainer import Trainer, TrainConfig
 
-TINY = dict(preset="small", fusion="concat", d=8, cra_widths=(8, 4))
+TINY = dict(preset="small", fusion="concat", d=8, cra_widths=(8, 4), cra_blocks=2)
 
 
 
@@ -101,7 +101,8 @@ def test_stages_and_loss_parts():
     assert parts["tran"] > 0.0 and parts["stage"] == 2.0
     assert {"task", "tib", "lib"} <= set(parts)
     m2 = CyIN(DatasetInfo.from_dataset(ds), share_reverse=True, detach_translation=True, stage1_epochs=0, **TINY)
-    assert len(m2.translators) == 3 and len(m.translators) == 6
+    m3 = CyIN(DatasetInfo.from_dataset(ds), share_reverse=False, stage1_epochs=0, **TINY)
+    assert len(m2.translators) == 3 and len(m.translators) == 3 and len(m3.translators) == 6
     loss, parts = m2.loss(b)
     assert parts["tran"] > 0.0
     loss.backward()  # the translation term reaches the translators only; the task still trains all
@@ -128,3 +129,61 @@ def test_cyin_with_mult_fusion_and_other_latent_width():
     with torch.no_grad():
         assert torch.isfinite(m.predict(b)).all()
         assert m.encode(b)["L"].shape == (8, 4, 4)
+
+
+# ------------------------------------------------------------------ sizes and budget (issue 11)
+
+
+class _Budget:
+    """The two things CyIN/MMANet read from a trainer to learn the budget."""
+
+    def __init__(self, epochs: int, patience: int | None = None) -> None:
+        self.config = TrainConfig(epochs=epochs, early_stop_patience=patience, progress=False)
+        self.train_dataset = None
+
+
+def test_sizes_follow_the_released_code_per_preset():
+    info = DatasetInfo.from_dataset(lav(4))
+    m = CyIN(info, preset="mosi", fusion="concat")
+    o = m.options
+    # RH-Lin/CyIN @ da04a3d config/config_regression.json, MOSI: RAE_n_blocks 8, RAE_layers [64,32,16],
+    # p_eta 16, w_imgaine 10, stage_divide 0.1; one translator per unordered pair, kernel 3
+    assert (o["cra_blocks"], o["cra_widths"], o["cra_kernel"]) == (8, [64, 32, 16], 3)
+    assert (o["beta"], o["gamma"], o["stage1_fraction"], o["share_reverse"]) == (16.0, 10.0, 0.1, True)
+    assert sorted(m.translators) == ["A_L", "A_V", "L_V"] and len(m.translators["A_L"].blocks) == 8
+    assert m.translators["A_L"].blocks[0].net[0].kernel_size == (3,)
+    assert m.translators["A_L"].transition is not None
+    mosei = CyIN(info, preset="mosei", fusion="concat").options
+    assert (mosei["cra_blocks"], mosei["cra_widths"], mosei["beta"], mosei["gamma"], mosei["stage1_fraction"]) == (
+        4, [128, 64, 32], 32.0, 5.0, 0.3)
+    assert CYIN_PRESETS["small"] == CYIN_PRESETS["mosi"]
+    # an explicit option wins over the preset, and the hparams rebuild the same model
+    m2 = CyIN(info, preset="mosi", fusion="concat", cra_blocks=3, cra_kernel=1)
+    assert m2.options["cra_blocks"] == 3 and len(m2.translators["A_L"].blocks) == 3
+    rebuilt = build_method("cyin", info, **m2.hparams["config"])
+    assert rebuilt.options == m2.options
+    # the cascade with its transition is the identity at initialisation
+    x = torch.randn(2, 8, 5)
+    cra = CascadedResidualAE(8, 3, (4, 2), kernel_size=3, transition=True)
+    assert torch.equal(cra(x), x)
+    with pytest.raises(ValueError, match="odd"):
+        ResidualAE(8, (4,), kernel_size=2)
+
+
+def test_stage1_is_a_fraction_of_the_planned_budget():
+    info = DatasetInfo.from_dataset(lav(4))
+    m = CyIN(info, **{**TINY, "stage1_fraction": 0.1})
+    assert m.stage == 1  # unplanned: stage 1
+    m.on_epoch_start(0, _Budget(30))
+    assert int(m.stage1) == 3
+    m.on_epoch_start(3, _Budget(30))
+    assert m.stage == 2
+    short = CyIN(info, **TINY)  # small preset: MOSI's 0.1 -> round(0.5) = 0 -> at least 1 epoch
+    short.on_epoch_start(0, _Budget(5))
+    assert int(short.stage1) == 1
+    mosei_like = CyIN(info, **{**TINY, "stage1_fraction": 0.3})
+    assert mosei_like.plan(10) == 3
+    with pytest.raises(ValueError, match="never reach stage 2"):
+        CyIN(info, stage1_epochs=5, **TINY).on_epoch_start(0, _Budget(5))
+    with pytest.raises(ValueError, match="stage1_fraction"):
+        CyIN(info, stage1_fraction=1.0, **TINY)

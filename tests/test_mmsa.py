@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flowtransfer.data import UnsafePickleError, load_mmsa, restricted_load
-from flowtransfer.data.mmsa import MMSAFormatError
+from flowtransfer.data.mmsa import MMSAFormatError, heldout_fold_path, standardize_splits
 
 SIZES = {"train": 9, "valid": 4, "test": 5}
 
@@ -55,7 +55,7 @@ def aligned(tmp_path):
 def test_aligned_file(aligned):
     path, raw = aligned
     with pytest.warns(UserWarning, match=r"aligned_50.pkl \[train\].*A: 6 of"):
-        data = load_mmsa(path)
+        data = load_mmsa(path, standardize=False)
     assert list(data) == ["train", "valid", "test"]
     for s, n in SIZES.items():
         ds = data[s]
@@ -72,6 +72,7 @@ def test_aligned_file(aligned):
         np.testing.assert_array_equal(ds.lengths["L"], raw[s]["text_bert"][:, 1].sum(1))
     tr = data["train"]
     assert tr.cleaning == {"A": 6} and data["valid"].cleaning == {}
+    assert tr.preprocessing == {"standardize": False}
     assert np.isfinite(tr.features["A"]).all() and tr.features["A"][0, 1, 3] == 0.0
     with pytest.raises(MMSAFormatError, match=r"\[train\].*modality 'A' holds 6 non-finite values \(0 NaN, 6 inf\)"):
         load_mmsa(path, nonfinite="error")
@@ -211,3 +212,85 @@ def test_real_mosi_file(shared_data):
     assert sum(data["train"].class_balance().values()) == 1447
     cls = load_mmsa(path, task="classification", splits=["test"])["test"]
     assert cls.num_classes == 3 and set(np.unique(cls.labels)) <= {0, 1, 2}
+
+
+# ------------------------------------------------------------------ standardisation and folds (issue 11)
+
+
+def test_standardize_on_training_statistics_only(aligned):
+    path, raw = aligned
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_mmsa(path)  # on by default
+        plain = load_mmsa(path, standardize=False)
+        test_only = load_mmsa(path, splits=["test"])
+    rec = data["train"].preprocessing["standardize"]
+    assert rec["fit_split"] == "train" and rec["modalities"] == ["L", "A", "V"]
+    for m in ("L", "A", "V"):
+        x = plain["train"].features[m].astype(np.float64)  # (N, C, T), non-finite already zeroed
+        mu, sd = x.mean(axis=(0, 2)), x.std(axis=(0, 2))
+        np.testing.assert_allclose(rec["mean"][m], mu, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(rec["std"][m], sd, rtol=1e-10)
+        z = data["train"].features[m].astype(np.float64)
+        np.testing.assert_allclose(z.mean(axis=(0, 2)), 0.0, atol=1e-5)
+        np.testing.assert_allclose(z.std(axis=(0, 2)), 1.0, atol=1e-4)
+        # other splits use the training statistics, not their own
+        for s in ("valid", "test"):
+            expected = (plain[s].features[m] - mu[None, :, None]) / sd[None, :, None]
+            np.testing.assert_allclose(data[s].features[m], expected, rtol=1e-4, atol=1e-5)
+            assert data[s].preprocessing == data["train"].preprocessing
+    # loading only the test split still standardises with the training split's statistics
+    np.testing.assert_allclose(test_only["test"].features["A"], data["test"].features["A"], rtol=1e-6)
+    # token ids are never standardised; a chosen subset only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bert = load_mmsa(path, text_key="text_bert", splits=["test"])
+        only_a = load_mmsa(path, standardize=["A"], splits=["valid"])
+    np.testing.assert_array_equal(bert["test"].features["L"], raw["test"]["text_bert"])
+    assert bert["test"].preprocessing["standardize"]["modalities"] == ["A", "V"]
+    np.testing.assert_array_equal(only_a["valid"].features["V"], plain["valid"].features["V"])
+    with pytest.raises(ValueError, match="token ids"):
+        load_mmsa(path, text_key="text_bert", standardize=["L"])
+    with pytest.raises(ValueError, match="not loaded"):
+        load_mmsa(path, modalities=("L", "V"), standardize=["A"])
+    with pytest.raises(KeyError, match="no 'train' split"):
+        standardize_splits({"test": plain["test"]})
+
+
+def test_standardize_needs_a_training_split(tmp_path):
+    rng = np.random.default_rng(3)
+    path = _write(tmp_path / "no_train.pkl", {"valid": _split(4, rng), "test": _split(5, rng)})
+    with pytest.raises(MMSAFormatError, match="standardize needs the training split"):
+        load_mmsa(path)
+    assert list(load_mmsa(path, standardize=False)) == ["valid", "test"]
+
+
+def test_real_mosi_standardized_and_heldout_folds(shared_data):
+    root = shared_data / "mosi_utterance"
+    main = root / "mosi_utterance_poria.pkl"
+    if not main.is_file() or not (root / "heldout_cv" / "fold0.pkl").is_file():
+        pytest.skip(f"the MOSI file or its held-out folds are absent under {root}")
+    raw = load_mmsa(main, standardize=False)
+    data = load_mmsa(main)
+    assert float(np.abs(raw["train"].features["A"]).max()) > 100  # unscaled audio (data README)
+    assert abs(float(data["train"].features["A"].mean())) < 1e-4
+    assert float(np.abs(data["train"].features["A"].std(axis=(0, 2)) - 1).max()) < 1e-3
+    from flowtransfer.data.summary import load_dataset
+
+    tests, sizes = set(), 0
+    for k in range(5):
+        fold = load_dataset("mmsa", str(root), fold=k)
+        assert fold["train"].preprocessing["standardize"]["fit_split"] == "train"
+        n = {s: len(d) for s, d in fold.items()}
+        assert 430 <= n["train"] <= 504 and 124 <= n["valid"] <= 183 and 124 <= n["test"] <= 183
+        assert n["train"] + n["valid"] + n["test"] == 752
+        videos = {s: {i.split("$_$")[0] for i in d.ids} for s, d in fold.items()}
+        assert not videos["train"] & videos["test"] and not videos["valid"] & videos["test"]
+        tests |= set(fold["test"].ids)
+        sizes += n["test"]
+    assert sizes == len(tests) == 752  # the five test folds pool every held-out sample once
+    assert heldout_fold_path(1, root / "heldout_cv") == root / "heldout_cv" / "fold1.pkl"
+    with pytest.raises(ValueError, match="fold must be"):
+        heldout_fold_path(5, root)
+    with pytest.raises(ValueError, match="data folder"):
+        heldout_fold_path(0, main)

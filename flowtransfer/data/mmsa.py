@@ -54,6 +54,9 @@ __all__ = [
     "RestrictedUnpickler",
     "restricted_load",
     "load_mmsa",
+    "standardize_splits",
+    "heldout_fold_path",
+    "HELDOUT_FOLDS",
     "MMSA_MODALITIES",
     "SPLITS",
 ]
@@ -346,6 +349,7 @@ def load_mmsa(
     task: str = "regression",
     splits: Sequence[str] | None = None,
     modalities: Sequence[str] = ("L", "A", "V"),
+    standardize: bool | Sequence[str] = True,
 ) -> dict[str, MultimodalDataset]:
     """Load an MMSA pickle into one :class:`MultimodalDataset` per split.
 
@@ -363,6 +367,13 @@ def load_mmsa(
         splits: which splits to load (default: every split in the file); an unknown name raises
             ``KeyError`` listing the available ones.
         modalities: subset of ``("L", "A", "V")`` to load, in that order.
+        standardize: z-score every feature channel with the mean and standard deviation of the
+            **training split only** (:func:`standardize_splits`), applied to every split: ``True``
+            (default) for every loaded modality except token ids (``text_key="text_bert"``), a
+            sequence of modality names for those only, ``False`` for the raw features. The
+            statistics are recorded in every split's ``ds.preprocessing`` (plain data, for a run's
+            ``config.json``); with ``splits`` lacking ``train`` the training split is still read
+            for them. A file without a ``train`` split cannot be standardised (``MMSAFormatError``).
 
     Returns:
         split name -> dataset with modalities ``L``, ``A``, ``V`` in ``(N, C, T)``, ``ids`` from
@@ -395,6 +406,23 @@ def load_mmsa(
     for s in wanted:
         if s not in available:
             raise KeyError(f"unknown split {s!r} in {path}; available splits: {available}")
+    if standardize is True:
+        std_mods = tuple(m for m in mods if not (m == "L" and text_key == "text_bert"))
+    elif standardize is False or standardize is None:
+        std_mods = ()
+    else:
+        std_mods = tuple(standardize)
+        bad = [m for m in std_mods if m not in mods]
+        if bad:
+            raise ValueError(f"standardize names modalities {bad} that are not loaded ({list(mods)})")
+        if "L" in std_mods and text_key == "text_bert":
+            raise ValueError("standardize cannot include 'L' with text_key='text_bert' (token ids, not features)")
+    if std_mods and "train" not in available:
+        raise MMSAFormatError(
+            f"{path}: standardize needs the training split for its statistics, and the file has none "
+            f"(splits {available}); pass standardize=False"
+        )
+    to_build = list(wanted) + (["train"] if std_mods and "train" not in wanted else [])
     label_key = "regression_labels" if task == "regression" else "classification_labels"
     other_label = "classification_labels" if task == "regression" else "regression_labels"
 
@@ -406,7 +434,7 @@ def load_mmsa(
         labels = np.asarray(ref.get(label_key, np.zeros(0)))
         if labels.size and labels.dtype.kind in "biuf" and np.isfinite(labels).all() and labels.min() >= 0:
             num_classes = max(int(labels.max()) + 1, 2)
-    for s in wanted:
+    for s in to_build:
         split = raw[s]
         where = f"{path} [{s}]"
         keys = {m: (text_key if m == "L" else MMSA_MODALITIES[m]) for m in mods}
@@ -460,4 +488,96 @@ def load_mmsa(
         check_splits(out, source=str(path))
     except ValueError as err:
         raise MMSAFormatError(str(err)) from None
-    return out
+    standardize_splits(out, std_mods)
+    return {s: out[s] for s in wanted}
+
+
+def standardize_splits(
+    splits: dict[str, MultimodalDataset],
+    modalities: Sequence[str] | None = None,
+    fit_split: str = "train",
+    min_std: float = 1e-6,
+) -> dict[str, Any]:
+    """Z-score feature channels of every split **in place** with statistics of ``fit_split`` only.
+
+    For each modality :math:`m` and channel :math:`c`, :math:`\\mu_{mc}` and :math:`\\sigma_{mc}`
+    are the mean and (population) standard deviation of the training values over the samples
+    that have :math:`m` (``mask``) and every time step; every split becomes
+    :math:`(x - \\mu) / \\sigma` (a channel with :math:`\\sigma < ` ``min_std`` is only centred).
+    Absent slots are transformed too but are never exposed (batches hold NaN there).
+
+    Each split's ``ds.preprocessing`` is set to the same plain dict::
+
+        {"standardize": {"fit_split": "train", "modalities": [...], "min_std": 1e-6,
+                         "mean": {m: [C floats]}, "std": {m: [C floats]}}}
+
+    (``{"standardize": False}`` when ``modalities`` is empty). Returns that dict.
+
+    Args:
+        splits: split name -> dataset (``(N, C, T)`` float32 features).
+        modalities: which modalities (default: all of ``fit_split``'s).
+        fit_split: the split the statistics come from.
+        min_std: smallest standard deviation divided by.
+
+    Raises:
+        KeyError: ``fit_split`` is not in ``splits`` or a modality is unknown.
+        ValueError: a modality has no present training sample.
+    """
+    if modalities is not None and not tuple(modalities):
+        record: dict[str, Any] = {"standardize": False}
+        for ds in splits.values():
+            ds.preprocessing = dict(record)
+        return record
+    if fit_split not in splits:
+        raise KeyError(f"standardize_splits: no {fit_split!r} split to take statistics from; splits: {list(splits)}")
+    ref = splits[fit_split]
+    mods = tuple(ref.modalities) if modalities is None else tuple(modalities)
+    unknown = [m for m in mods if m not in ref.modalities]
+    if unknown:
+        raise KeyError(f"standardize_splits: unknown modalities {unknown}; known: {list(ref.modalities)}")
+    mean: dict[str, np.ndarray] = {}
+    std: dict[str, np.ndarray] = {}
+    for m in mods:
+        rows = np.asarray(ref.mask)[:, ref.modalities.index(m)]
+        if not rows.any():
+            raise ValueError(f"standardize_splits: no {fit_split} sample has modality {m!r}")
+        x = ref.features[m][rows].astype(np.float64)  # (n, C, T)
+        mu = x.mean(axis=(0, 2))
+        sd = x.std(axis=(0, 2))
+        mean[m], std[m] = mu, np.where(sd >= min_std, sd, 1.0)
+    for ds in splits.values():
+        for m in mods:
+            x = ds.features[m]
+            ds.features[m] = ((x - mean[m][None, :, None]) / std[m][None, :, None]).astype(np.float32)
+    record = {"standardize": {"fit_split": fit_split, "modalities": list(mods), "min_std": float(min_std),
+                              "mean": {m: mean[m].tolist() for m in mods},
+                              "std": {m: std[m].tolist() for m in mods}}}
+    for ds in splits.values():
+        ds.preprocessing = record
+    return record
+
+
+#: the fully held-out 5-fold version of the MOSI file (``heldout_cv/fold{k}.pkl``, see the data README)
+HELDOUT_FOLDS = 5
+
+
+def heldout_fold_path(fold: int, root: str | os.PathLike) -> Path:
+    """Path of held-out fold ``fold`` (0-4): ``root/heldout_cv/fold{k}.pkl``, or ``root/fold{k}.pkl``
+    when ``root`` is the ``heldout_cv`` folder itself. Each fold file is an MMSA pickle with its own
+    ``train``/``valid``/``test`` (test = fold k, valid = fold k+1 mod 5); pooling the five test
+    folds gives one estimate over every held-out video.
+
+    Raises:
+        ValueError: ``fold`` outside ``[0, 5)``.
+        FileNotFoundError: the file does not exist (naming the path).
+    """
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= int(fold) < HELDOUT_FOLDS:
+        raise ValueError(f"fold must be an int in [0, {HELDOUT_FOLDS}), got {fold!r}")
+    base = Path(root)
+    if base.is_file():
+        raise ValueError(f"fold= needs the data folder (holding heldout_cv/), got the file {base}")
+    folder = base if base.name == "heldout_cv" else base / "heldout_cv"
+    path = folder / f"fold{int(fold)}.pkl"
+    if not path.is_file():
+        raise FileNotFoundError(f"held-out fold file {path} does not exist")
+    return path

@@ -4,6 +4,7 @@ Usage::
 
     python -m flowtransfer.data.summary                                   # the embedded synthetic data
     python -m flowtransfer.data.summary --dataset mmsa --data ../shared/data/mosi_utterance/mosi_utterance_poria.pkl
+    python -m flowtransfer.data.summary --dataset mmsa --fold 2                # held-out fold 2 of the MOSI file
     python -m flowtransfer.data.summary --dataset npz --data my_data.npz --task regression
     python -m flowtransfer.data.summary --dataset avmnist                 # when flowtransfer.data.avmnist is present
 
@@ -39,11 +40,21 @@ def _synthetic(path: str | None = None, task: str | None = None, **options: Any)
     return make_synthetic(**options, **({"task": task} if task else {}))
 
 
-def _mmsa(path: str | None = None, task: str | None = None, seed: int | None = None, **options: Any) -> dict[str, MultimodalDataset]:
-    """An MMSA pickle (default: the MOSI file in the shared data folder); ``seed`` is unused."""
-    from flowtransfer.data.mmsa import load_mmsa
+def _mmsa(path: str | None = None, task: str | None = None, seed: int | None = None, fold: int | None = None,
+          **options: Any) -> dict[str, MultimodalDataset]:
+    """An MMSA pickle (default: the MOSI file in the shared data folder); ``seed`` is unused.
 
-    if path is None:
+    ``fold=k`` loads held-out fold ``k`` of the MOSI file instead (``heldout_cv/fold{k}.pkl`` under
+    ``path``, a data folder, default the shared ``mosi_utterance`` folder; without ``fold``,
+    ``path`` may name a fold file directly). Options such as ``standardize`` go to :func:`~flowtransfer.data.mmsa.load_mmsa`
+    (features are standardised on training statistics by default).
+    """
+    from flowtransfer.data.mmsa import heldout_fold_path, load_mmsa
+
+    if fold is not None:
+        root = path if path is not None else str(shared_data_dir() / "mosi_utterance")
+        path = str(heldout_fold_path(fold, require_data(root, "the MOSI data folder")))
+    elif path is None:
         path = str(shared_data_dir() / "mosi_utterance" / "mosi_utterance_poria.pkl")
     require_data(path, "the MMSA pickle")
     with warnings.catch_warnings():
@@ -90,6 +101,7 @@ def summarize(data: dict[str, MultimodalDataset], rates: Sequence[float] = DEFAU
     out: dict[str, Any] = {}
     for split, ds in data.items():
         info = ds.summary()
+        info["preprocessing"] = dict(getattr(ds, "preprocessing", None) or {})
         realised = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -120,6 +132,9 @@ def format_summary(name: str, summary: dict[str, Any]) -> str:
             lines.append(f"  missing in the data: {info['missing_rate']:.4f}  present per modality: {info['present_per_modality']}")
         if info["cleaning"]:
             lines.append(f"  non-finite values replaced with 0: {info['cleaning']}")
+        std = (info.get("preprocessing") or {}).get("standardize")
+        if std:
+            lines.append(f"  standardised on {std['fit_split']} statistics: {', '.join(std['modalities'])}")
         pairs = "  ".join(f"{r}->{v:.4f}" for r, v in info["mr_realised"].items())
         lines.append(f"  MR requested->realised: {pairs}")
     return "\n".join(lines)
@@ -131,10 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="path to the data (file or folder, as the dataset needs)")
     parser.add_argument("--task", choices=("classification", "regression"), default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the MR masks (and of synthetic data)")
+    parser.add_argument("--fold", type=int, default=None, help="mmsa: held-out fold k (0-4) of the MOSI file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
     try:
-        data = load_dataset(args.dataset, args.data, task=args.task, seed=args.seed)
+        extra = {} if args.fold is None else {"fold": args.fold}
+        if extra and args.dataset != "mmsa":
+            raise ValueError("--fold is for --dataset mmsa (the held-out folds of the MOSI file)")
+        data = load_dataset(args.dataset, args.data, task=args.task, seed=args.seed, **extra)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
