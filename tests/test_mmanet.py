@@ -161,3 +161,81 @@ def test_mmanet_regression_uses_a_7way_teacher_head_and_pretrained_teacher():
         losses.append(parts["loss"])
     assert {"mad", "mar"} <= set(parts)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+# ------------------------------------------------------------------------------------------ budget (issue 11)
+
+
+def _budget(epochs, patience=None, **extra):
+    """What MMANet reads from a trainer: its config (epochs, patience, optional step cap)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(epochs=epochs, early_stop_patience=patience, **extra)
+    return SimpleNamespace(config=cfg, train_dataset=extra.pop("train", None))
+
+
+def test_warmup_is_a_fraction_of_the_planned_budget():
+    info = DatasetInfo.from_dataset(lav(8))
+    m = MMANet(info, **TINY)  # default warmup_fraction 0.3
+    with pytest.raises(RuntimeError, match="not known yet"):
+        m.warmup_epochs
+    m.on_epoch_start(0, _budget(10))
+    assert (m.warmup_epochs, m.mine_start) == (3, 0)
+    assert m.selection_veto() is not None and not m.distilling
+    long = MMANet(info, **TINY)
+    long.on_epoch_start(0, _budget(100))
+    assert (long.warmup_epochs, long.mine_start) == (30, 27)  # mining: the last three warm-up epochs
+    short = MMANet(info, warmup_fraction=0.5, **TINY)
+    short.on_epoch_start(0, _budget(5))
+    assert short.warmup_epochs == 2  # round(2.5) = 2, leaving 3 distilling epochs
+    # a step cap shortens the plan: 64 samples, batch 16 -> 4 steps per epoch; 20 steps -> 5 epochs
+    from flowtransfer.training.trainer import TrainConfig as TC
+
+    class Capped:
+        config = TC(epochs=100, batch_size=16, progress=False, early_stop_patience=None)
+        train_dataset = lav(64)
+
+    Capped.config.max_steps = 20
+    Capped.config.steps_per_epoch = lambda n, world=1: -(-n // 16)
+    capped = MMANet(info, **TINY)
+    capped.on_epoch_start(0, Capped())
+    assert capped.warmup_epochs == 2  # round(0.3 x 5)
+    # the warm-up and its buffers survive a state-dict round trip (a resume)
+    again = MMANet(info, **TINY)
+    again.load_state_dict(m.state_dict())
+    assert again.planned and again.warmup_epochs == 3
+    again.on_epoch_start(4, None)
+    assert again.distilling
+
+
+def test_a_budget_that_cannot_distil_is_refused_before_training():
+    info = DatasetInfo.from_dataset(lav(8))
+    with pytest.raises(ValueError, match="never distil"):
+        MMANet(info, **TINY).on_epoch_start(0, _budget(1))
+    with pytest.raises(ValueError, match="never distil"):
+        MMANet(info, warmup_epochs=5, **TINY).plan(5)
+    with pytest.raises(ValueError, match="could stop before it distils"):
+        MMANet(info, **TINY).plan(20, early_stop_patience=6)  # warm-up 6
+    assert MMANet(info, **TINY).plan(20, early_stop_patience=7) == 6
+    assert MMANet(info, **TINY).plan(20, early_stop_patience=6, exempts_warmup=True) == 6
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        MMANet(info, warmup_fraction=1.0, **TINY)
+    # through the trainer: refused at the first epoch, before any step
+    train, valid = lav(32), lav(16, seed=1)
+    m = build_method("mmanet", DatasetInfo.from_dataset(train), **TINY)
+    before = {k: v.clone() for k, v in m.student.state_dict().items()}
+    with pytest.raises(ValueError, match="never distil"):
+        Trainer(m, TrainConfig(epochs=1, batch_size=16, progress=False, monitor="acc",
+                               early_stop_patience=None)).fit(train, valid)
+    assert all(torch.equal(before[k], v) for k, v in m.student.state_dict().items())
+
+
+def test_warmup_epochs_are_never_selected():
+    train, valid = lav(32), lav(16, seed=1)
+    m = build_method("mmanet", DatasetInfo.from_dataset(train), warmup_fraction=0.5, **TINY)
+    res = Trainer(m, TrainConfig(epochs=4, batch_size=16, lr=1e-2, progress=False, monitor="acc",
+                                 early_stop_patience=None)).fit(train, valid)
+    assert m.warmup_epochs == 2
+    assert [("veto" in h) for h in res.history] == [True, True, False, False]
+    assert res.best_epoch >= 2 and "train/loss/mad" in res.history[res.best_epoch]
+    assert m.hparams["config"]["warmup_fraction"] == 0.5 and m.hparams["config"]["warmup_epochs"] is None

@@ -147,6 +147,69 @@ def test_specialists_route_each_pattern_to_its_own_model():
     assert torch.equal(out, codes.float())
 
 
+def test_each_specialist_is_selected_on_its_own_pattern():
+    """Epoch 0: the A specialist is broken, the full-pattern one fine; epoch 1: the reverse. One
+    score on complete validation data (the full-pattern model's) would keep epoch 0 for all; the
+    per-pattern selection keeps epoch 1 for A and epoch 0 for L_A_V."""
+    train, valid = tiny_dataset(24), tiny_dataset(16, seed=3)
+    m = Specialists(DatasetInfo.from_dataset(train), **TINY)
+    a, full = m.specialist(["A"]), m.specialist(["L", "A", "V"])
+    good_a = {k: v.clone() for k, v in a.state_dict().items()}
+    good_full = {k: v.clone() for k, v in full.state_dict().items()}
+    with torch.no_grad():
+        a.head.out.bias += 50.0  # epoch 0: A broken
+    m.update_selection(valid, epoch=0)
+    i_a, i_full = m.patterns.index(("A",)), m.patterns.index(("L", "A", "V"))
+    assert m.selection_epoch.tolist() == [0] * 7
+    # the A score is A's own on A-only inputs of every validation sample (all have A here)
+    vb = valid.full_batch()
+    with torch.no_grad():
+        a.eval()
+        expected = (a.predict(restrict_batch(vb, ("A",))) - vb.labels).abs().mean()
+    assert float(m.selection_score[i_a]) == pytest.approx(float(expected), rel=1e-5)
+    with torch.no_grad():
+        a.load_state_dict(good_a)
+        full.head.out.bias += 50.0  # epoch 1: full-pattern model broken, A fine
+    changed = m.update_selection(valid, epoch=1)
+    assert changed[("A",)] and not changed[("L", "A", "V")]
+    assert int(m.selection_epoch[i_a]) == 1 and int(m.selection_epoch[i_full]) == 0
+    assert float(m.selection_score[i_a]) < 10.0 < float(m.selection_score[i_full]) + 50.0
+    # predict uses the selected copies: A-only rows get the good A, complete rows the good full model
+    only_a = simulate_missing(vb, pattern=["A"])
+    m.eval()
+    with torch.no_grad():
+        a.load_state_dict(good_a)
+        np.testing.assert_allclose(m.predict(only_a).numpy(), a.predict(restrict_batch(vb, ("A",))).numpy(), rtol=1e-6)
+        full.load_state_dict(good_full)
+        np.testing.assert_allclose(m.predict(vb).numpy(), full.predict(vb).numpy(), rtol=1e-6)
+    # a pattern that no validation sample has keeps following the training (score NaN)
+    m2 = Specialists(DatasetInfo.from_dataset(train), **TINY)
+    no_l = valid.with_mask(np.tile([False, True, True], (len(valid), 1)))
+    m2.update_selection(no_l, epoch=0)
+    assert np.isnan(float(m2.selection_score[m2.patterns.index(("L",))]))
+    assert not np.isnan(float(m2.selection_score[m2.patterns.index(("A", "V"))]))
+    with pytest.raises(ValueError, match="select_metric"):
+        Specialists(DatasetInfo.from_dataset(train), select_metric="acc", **TINY)
+
+
+def test_specialists_selection_through_the_trainer_survives_the_best_epoch_reload():
+    train, valid = tiny_dataset(32), tiny_dataset(16, seed=1)
+    m = build_method("specialists", DatasetInfo.from_dataset(train), **TINY)
+    Trainer(m, TrainConfig(epochs=4, batch_size=16, lr=1e-2, progress=False, monitor="mae",
+                           early_stop_patience=None)).fit(train, valid)
+    assert m.has_selection and bool((m.selection_epoch >= 0).all())
+    latest = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("selected.") or k.startswith("selection")}
+    # the trainer reloads its best epoch's state (one score for the method): on_fit_end puts the
+    # newest per-pattern selection back
+    stale = {k: (v.clone() if not k.startswith("selection_epoch") else torch.zeros_like(v)) for k, v in m.state_dict().items()}
+    m.load_state_dict(stale)
+    m.on_fit_end(None)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in latest.items())
+    # the selected copies are never trained
+    assert not any(p.requires_grad for p in m.selected.parameters())
+    assert {id(p) for g in m.parameter_groups() for p in g["params"]} == {id(p) for p in m.models.parameters()}
+
+
 def test_specialists_train_each_on_rows_having_its_pattern():
     ds = tiny_dataset(24)
     m = Specialists(DatasetInfo.from_dataset(ds), **TINY)

@@ -192,3 +192,56 @@ def test_smil_three_modalities_and_batches_without_complete_rows():
     b2 = simulate_missing(ds.full_batch(), rate=0.4, generator=torch.Generator().manual_seed(0))
     loss, parts = m.loss(b2)
     assert torch.isfinite(loss) and "outer" in parts
+
+
+# ------------------------------------------------------------------------------------------ m* and reconstruction (issue 11)
+
+
+def _lav(n: int = 24, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    feats = {"L": rng.normal(size=(n, 6, 1)).astype("float32"), "A": rng.normal(size=(n, 3, 1)).astype("float32"),
+             "V": rng.normal(size=(n, 4, 1)).astype("float32")}
+    return from_arrays(feats, feats["L"].mean(axis=(1, 2)).astype("float32"), "regression", layout="NCT")
+
+
+def test_missing_modality_follows_the_papers_rule():
+    from flowtransfer.methods.smil import paper_missing_modality
+
+    # text on CMU-MOSI / MM-IMDb, audio on AV-MNIST (Ma et al. 2021, Sec. 4.2-4.3), else the last one
+    assert paper_missing_modality(("L", "A", "V")) == "L"
+    assert paper_missing_modality(("V", "A")) == "A"
+    assert paper_missing_modality(("I", "S")) == "S"
+    info = DatasetInfo.from_dataset(_lav())
+    m = SMIL(info, **TINY)
+    assert m.missing_modality == "L" and m.hparams["config"]["missing_modality"] == "L"
+    assert SMIL(info, missing_modality="A", **TINY).missing_modality == "A"
+    with pytest.raises(KeyError, match="unknown missing_modality"):
+        SMIL(info, missing_modality="X", **TINY)
+    with pytest.raises(ValueError, match="unknown reconstruction"):
+        SMIL(info, reconstruction="gan", **TINY)
+
+
+@pytest.mark.parametrize("name", ["smil", "smil_official"])
+def test_paper_reconstruction_is_constant_official_is_input_dependent(name):
+    ds = _lav(24)
+    m = build_method(name, DatasetInfo.from_dataset(ds), **TINY)
+    m.prepare(ds)
+    assert m.options["reconstruction"] == ("paper" if name == "smil" else "official")
+    b = simulate_missing(ds.full_batch(), pattern=["A", "V"])  # m* = L absent everywhere
+    m.eval()
+    with torch.no_grad():
+        ctx = m._context(None, b, b.mask)
+        x_hat, _, _ = m.reconstructor(ctx, sample=False)
+        pred = m.predict(b)
+    priors = m.reconstructor.priors
+    spread = float((x_hat - x_hat.mean(0, keepdim=True)).abs().max())
+    if name == "smil":
+        # omega's mean is 1 whatever the input: every sample gets the mean of the priors
+        assert torch.allclose(x_hat, priors.mean(0).expand_as(x_hat), atol=1e-6) and spread < 1e-6
+    else:
+        assert spread > 1e-4  # depends on the available modalities
+        lo, hi = priors.min(0).values, priors.max(0).values
+        assert bool(((x_hat >= lo - 1e-6) & (x_hat <= hi + 1e-6)).all())  # a convex combination of the priors
+    assert torch.isfinite(pred).all()
+    with pytest.raises(ValueError, match="smil_official uses"):
+        build_method("smil_official", DatasetInfo.from_dataset(ds), reconstruction="paper", **TINY)

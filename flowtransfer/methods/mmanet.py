@@ -1,8 +1,21 @@
 r"""MMANet: margin-aware distillation and modality-aware regularisation (Wei, Luo, Luo, CVPR 2023).
 
 * **Teacher**: a :class:`~flowtransfer.methods.fusion_model.FusionModel` trained on complete
-  samples, then frozen. Trained inside the method during the first ``warmup_epochs`` epochs, or
-  passed in pre-trained (``teacher=``; then frozen from the start).
+  samples, then frozen. Trained inside the method during the warm-up, or passed in pre-trained
+  (``teacher=``; then frozen from the start).
+* **Warm-up proportional to the budget**: the warm-up takes ``warmup_fraction`` (default 0.3) of
+  the epochs the trainer plans to run (:func:`~flowtransfer.methods.simple.planned_epochs`: the
+  epoch limit, or fewer under a cap of optimiser steps), ``round(fraction x epochs)`` and at least 1,
+  fixed when training starts (:meth:`MMANet.plan`, called by the trainer hook ``on_epoch_start``
+  at epoch 0) and checkpointed. ``warmup_epochs=`` fixes it in epochs instead. A budget that leaves
+  no distillation epoch is refused before the first step, and so is early stopping whose patience
+  cannot outlast the warm-up (see below).
+* **A run that never distils is an error, not a row**: the method vetoes the selection of every
+  warm-up epoch (:meth:`MMANet.selection_veto`; the student then is a modality-dropout model, not
+  MMANet), so the trainer selects among distilling epochs only and, if training ends before any,
+  stops with an error naming the vetoes. A vetoed epoch counts towards early stopping's patience in
+  the trainer, hence the refusal of ``early_stop_patience <= warm-up epochs`` (unless the trainer
+  says it exempts warm-up epochs: ``trainer.exempts_warmup``).
 * **Deployment network** (the student, the only part used by :meth:`MMANet.predict`): the same
   architecture, trained on every modality combination: each training sample gets its own pattern
   drawn uniformly among the :math:`2^M - 1` non-empty subsets (intersected with what its data has);
@@ -15,7 +28,8 @@ r"""MMANet: margin-aware distillation and modality-aware regularisation (Wei, Lu
 
   with :math:`H` the entropy of the teacher's softmax (:func:`uncertainty_weights`): samples the
   teacher is unsure of (near the margin) weigh more, confident ones less.
-* **Modality-aware regularisation**: during epochs ``[mine_start, warmup_epochs)`` the student is
+* **Modality-aware regularisation**: during epochs ``[mine_start, warm-up)`` (by default the last
+  three warm-up epochs, as the released code's epochs 2-4 before ``begin_epoch`` 5) the student is
   also evaluated (no gradient) under each pattern of size :math:`M-1` and under the complete
   pattern, on the **training** batches; the histograms of predicted labels give, per epoch,
   :math:`\mathrm{KL}(h_P \| h_{all})` (:func:`histogram_kl`), summed over the mining epochs. The
@@ -63,7 +77,7 @@ from flowtransfer.models.heads import build_head
 
 from .base import Method, prior_labels, register_method, simulate_missing
 from .fusion_model import FusionModel, build_head_for
-from .simple import _fusion_config, nonempty_patterns, pattern_codes
+from .simple import _fusion_config, epochs_from_fraction, nonempty_patterns, pattern_codes, planned_epochs
 
 __all__ = [
     "uncertainty_weights",
@@ -183,27 +197,37 @@ class MMANet(Method):
         info: dataset description.
         config, preset, **overrides: the student's and teacher's :class:`FusionConfig`.
         lambda_mad, lambda_mar: loss weights.
-        warmup_epochs: epochs of teacher training (+ student task loss) before distillation.
-        mine_start: first epoch of weak-pattern mining (mining runs until ``warmup_epochs``).
+        warmup_fraction: fraction of the planned epochs spent on the warm-up (teacher training +
+            student task loss) before distillation; used unless ``warmup_epochs`` is given.
+        warmup_epochs: the warm-up in epochs (overrides ``warmup_fraction``).
+        mine_start: first epoch of weak-pattern mining (mining runs until the end of the warm-up);
+            default ``max(0, warm-up - 3)``.
         teacher: an optional pre-trained :class:`FusionModel` (frozen, not trained here).
+
+    Buffers (checkpointed): ``warmup`` and ``mine_from`` (-1 until :meth:`plan`), ``epoch``, the
+    mining histograms and divergences, ``weak_mask``, ``mined``.
     """
 
     name = "mmanet"
 
     def __init__(self, info: Any, config: Any = None, *, preset: str | None = None,
-                 lambda_mad: float = 30.0, lambda_mar: float = 0.5, warmup_epochs: int = 5,
-                 mine_start: int | None = None, teacher: FusionModel | None = None, **overrides: Any) -> None:
+                 lambda_mad: float = 30.0, lambda_mar: float = 0.5, warmup_fraction: float = 0.3,
+                 warmup_epochs: int | None = None, mine_start: int | None = None,
+                 teacher: FusionModel | None = None, **overrides: Any) -> None:
         super().__init__(info)
         if len(self.modalities) < 2:
             raise ValueError("MMANet needs two or more modalities")
-        if warmup_epochs < 1:
-            raise ValueError(f"warmup_epochs must be >= 1 (mining needs an epoch), got {warmup_epochs}")
-        mine_start = max(0, warmup_epochs - 3) if mine_start is None else int(mine_start)
-        if not 0 <= mine_start < warmup_epochs:
-            raise ValueError(f"mine_start must lie in [0, warmup_epochs={warmup_epochs}), got {mine_start}")
+        if warmup_epochs is None:
+            epochs_from_fraction(warmup_fraction, 10, "warmup_fraction")  # range check only
+        elif isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 1:
+            raise ValueError(f"warmup_epochs must be an int >= 1 (mining needs an epoch), got {warmup_epochs!r}")
+        if mine_start is not None and (int(mine_start) < 0 or (warmup_epochs is not None and int(mine_start) >= warmup_epochs)):
+            raise ValueError(f"mine_start must lie in [0, warm-up={warmup_epochs}), got {mine_start}")
         self.backbone_config = _fusion_config(config, preset, overrides)
         self.options = {"lambda_mad": float(lambda_mad), "lambda_mar": float(lambda_mar),
-                        "warmup_epochs": int(warmup_epochs), "mine_start": mine_start}
+                        "warmup_fraction": float(warmup_fraction),
+                        "warmup_epochs": None if warmup_epochs is None else int(warmup_epochs),
+                        "mine_start": None if mine_start is None else int(mine_start)}
         self.student = FusionModel(self.info, self.backbone_config, name="mmanet_student")
         self.regulariser = build_head_for(self.info, self.student.fusion.out_dim, self.backbone_config)
         self.pretrained_teacher = teacher is not None
@@ -217,14 +241,18 @@ class MMANet(Method):
         self.teacher_aux = (build_head("classification", self.teacher.fusion.out_dim, SENTIMENT_CLASSES,
                                        dropout=self.backbone_config.mult.head_dropout)
                             if self.task == "regression" else None)
-        # mining state (buffers: checkpointed, survive a resume)
+        # schedule and mining state (buffers: checkpointed, survive a resume)
         self.candidates = [p for p in nonempty_patterns(self.modalities) if len(p) == len(self.modalities) - 1]
+        self.register_buffer("warmup", torch.tensor(-1))
+        self.register_buffer("mine_from", torch.tensor(-1))
         self.register_buffer("epoch", torch.tensor(0))
         self.register_buffer("hist", torch.zeros(len(self.candidates) + 1, self.n_bins, dtype=torch.float64))
         self.register_buffer("divergence", torch.zeros(len(self.candidates), dtype=torch.float64))
         self.register_buffer("weak_mask", torch.zeros(2 ** len(self.modalities), dtype=torch.bool))
         self.register_buffer("mined", torch.tensor(False))
         self.generator: torch.Generator | None = None
+        if warmup_epochs is not None:
+            self._set_warmup(int(warmup_epochs))
         if self.pretrained_teacher:
             self._freeze_teacher()
 
@@ -243,10 +271,74 @@ class MMANet(Method):
             for p in mod.parameters():
                 p.requires_grad_(False)
 
+    # ------------------------------------------------------------------ budget
+    def _set_warmup(self, warmup: int) -> None:
+        start = self.options["mine_start"]
+        start = max(0, warmup - 3) if start is None else int(start)
+        if not 0 <= start < warmup:
+            raise ValueError(f"mine_start must lie in [0, warm-up={warmup}), got {start}")
+        self.warmup.fill_(int(warmup))
+        self.mine_from.fill_(start)
+
+    @property
+    def planned(self) -> bool:
+        """True once the warm-up length is fixed (:meth:`plan`, or ``warmup_epochs=``)."""
+        return int(self.warmup) >= 1
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Epochs of warm-up (raises before :meth:`plan` when only a fraction was given)."""
+        if not self.planned:
+            raise RuntimeError(
+                "MMANet's warm-up is a fraction of the training budget, which is not known yet: train it "
+                "with the Trainer (its on_epoch_start hook calls plan) or call plan(total_epochs) first"
+            )
+        return int(self.warmup)
+
+    @property
+    def mine_start(self) -> int:
+        """First mining epoch."""
+        self.warmup_epochs  # noqa: B018 - raises when unplanned
+        return int(self.mine_from)
+
+    def plan(self, total_epochs: int, early_stop_patience: int | None = None, exempts_warmup: bool = False) -> int:
+        """Fix the warm-up for a budget of ``total_epochs`` epochs and check that the run can distil.
+
+        Returns the warm-up in epochs. Idempotent for the same budget; a resumed run keeps the
+        checkpointed warm-up.
+
+        Raises:
+            ValueError: the budget leaves no distillation epoch (warm-up >= ``total_epochs``), or
+                early stopping with ``early_stop_patience <= warm-up`` could stop the run before it
+                distils (vetoed warm-up epochs count as epochs without improvement), unless
+                ``exempts_warmup``.
+        """
+        total = int(total_epochs)
+        if total < 1:
+            raise ValueError(f"MMANet: the training budget must be >= 1 epoch, got {total}")
+        if not self.planned:
+            fixed = self.options["warmup_epochs"]
+            self._set_warmup(fixed if fixed is not None else
+                             epochs_from_fraction(self.options["warmup_fraction"], total, "warmup_fraction"))
+        warmup = int(self.warmup)
+        if warmup >= total:
+            raise ValueError(
+                f"MMANet would never distil: its warm-up takes {warmup} epoch(s) and the training budget is "
+                f"{total} epoch(s). Give it more epochs (or a larger step cap), a smaller warmup_fraction "
+                "(or warmup_epochs), or a pre-trained teacher"
+            )
+        if early_stop_patience is not None and not exempts_warmup and int(early_stop_patience) <= warmup:
+            raise ValueError(
+                f"MMANet could stop before it distils: early_stop_patience={early_stop_patience} <= its warm-up "
+                f"of {warmup} epoch(s), whose epochs are never selected (and so count as epochs without "
+                "improvement). Raise the patience above the warm-up or lower warmup_fraction"
+            )
+        return warmup
+
     @property
     def distilling(self) -> bool:
         """True after the warm-up (MAD and MAR active, teacher frozen)."""
-        return int(self.epoch) >= self.options["warmup_epochs"]
+        return self.planned and int(self.epoch) >= int(self.warmup)
 
     def train(self, mode: bool = True) -> MMANet:
         super().train(mode)
@@ -259,7 +351,7 @@ class MMANet(Method):
         """Advance the schedule to ``epoch`` (0-based): close finished mining epochs, pick the weak
         pattern at the end of the warm-up, freeze the teacher."""
         epoch = int(epoch)
-        w, start = self.options["warmup_epochs"], self.options["mine_start"]
+        w, start = self.warmup_epochs, self.mine_start
         prev = int(self.epoch)
         if epoch > prev and start <= prev < w:
             self._close_mining_epoch()
@@ -270,8 +362,20 @@ class MMANet(Method):
             self._freeze_teacher()
 
     def on_epoch_start(self, epoch: int, trainer: Any = None) -> None:
-        """Trainer hook: :meth:`set_epoch`."""
+        """Trainer hook: at epoch 0 (or a first call after a resume) :meth:`plan` from the trainer's
+        budget (:func:`~flowtransfer.methods.simple.planned_epochs`), then :meth:`set_epoch`."""
+        if trainer is not None and (epoch == 0 or not self.planned):
+            cfg = getattr(trainer, "config", None)
+            self.plan(planned_epochs(trainer), getattr(cfg, "early_stop_patience", None),
+                      bool(getattr(trainer, "exempts_warmup", False)))
         self.set_epoch(epoch)
+
+    def selection_veto(self, dataset: Any = None) -> str | None:
+        """Trainer hook: a warm-up epoch is never selected (its student has not distilled)."""
+        if not self.distilling:
+            return (f"MMANet: epoch {int(self.epoch)} is in the warm-up ({int(self.warmup)} epoch(s)); the student "
+                    "has not distilled yet")
+        return None
 
     # ------------------------------------------------------------------ mining
     def _pattern_rows(self) -> list[tuple[str, ...]]:
@@ -363,7 +467,7 @@ class MMANet(Method):
         self._check_batch(batch)
         opt = self.options
         epoch = int(self.epoch)
-        if self.training and opt["mine_start"] <= epoch < opt["warmup_epochs"] and not bool(self.mined):
+        if self.training and self.planned and self.mine_start <= epoch < self.warmup_epochs and not bool(self.mined):
             self._mine(batch)
         dropped = simulate_missing(batch, pattern=random_patterns(batch.mask, self.generator),
                                    generator=self.generator) if self.training else batch

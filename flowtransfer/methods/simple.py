@@ -14,7 +14,12 @@ missing modalities are handled, not from the architecture.
   every training sample that has all of :math:`P` (restricted to :math:`P`'s modalities). Each test
   sample goes to the model of its own pattern; routing is vectorised by pattern group (one forward
   per pattern present in the batch, never one per sample). The practical ceiling of methods that
-  do not invent missing data.
+  do not invent missing data. **Each specialist is selected on validation data of its own
+  pattern** (:meth:`Specialists.update_selection`): after every epoch, specialist :math:`P` is
+  scored on the validation samples that have all of :math:`P`, seeing only :math:`P`'s modalities,
+  and its best weights so far are kept in a frozen copy (``selected``) that ``predict`` uses. On
+  complete validation data every sample goes to the full-pattern model, so one score for the whole
+  method would choose every single-modality specialist by another model's score.
 * ``modality_dropout`` (:class:`ModalityDropout`): a :class:`FusionModel` trained with random
   per-sample modality dropping (:func:`~flowtransfer.methods.base.simulate_missing`, each sample
   its own rate uniform in ``rate``), absent inputs filled with zeros **and** the presence mask given
@@ -37,6 +42,8 @@ Departures:
   and an MLP when it uses ``concat`` or ``late``.
 * ``specialists`` sums the specialists' losses into one scalar for the shared trainer; parameters
   are disjoint, so each specialist gets its own gradient (a global gradient-norm clip couples them).
+  The trainer keeps *one* best epoch for the whole method (by its monitored score); the
+  per-specialist selection lives in the method (see :class:`Specialists` for the hooks).
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ from .presets import FusionConfig
 __all__ = [
     "restrict_batch",
     "sub_info",
+    "planned_epochs",
+    "epochs_from_fraction",
     "nonempty_patterns",
     "pattern_codes",
     "zero_loss",
@@ -142,6 +151,48 @@ def pattern_codes(mask: Tensor) -> Tensor:
     """``(B, M)`` bool presence mask -> ``(B,)`` int64 bit codes :math:`\\sum_j 2^j\\,\\mathrm{mask}_{bj}`."""
     weights = 2 ** torch.arange(mask.shape[1], device=mask.device)
     return (mask.long() * weights).sum(dim=1)
+
+
+def planned_epochs(trainer: Any) -> int:
+    """The number of epochs a trainer plans to run (the budget a schedule can be proportional to).
+
+    In order: ``trainer.planned_epochs`` when the trainer states it; otherwise from its config,
+    ``config.epochs``, reduced to ``ceil(max_steps / steps_per_epoch)`` when the config has a cap of
+    optimiser steps (``max_steps``) and ``steps_per_epoch(n_train)``. Early stopping can only make
+    the run shorter.
+
+    Raises:
+        ValueError: the trainer exposes neither (e.g. a hand-written loop without a config).
+    """
+    stated = getattr(trainer, "planned_epochs", None)
+    if stated is not None and not callable(stated):
+        return int(stated)
+    cfg = getattr(trainer, "config", None)
+    epochs = getattr(cfg, "epochs", None)
+    if epochs is None:
+        raise ValueError(
+            f"cannot tell the training budget from {type(trainer).__name__}: it has neither "
+            "planned_epochs nor config.epochs"
+        )
+    epochs = int(epochs)
+    cap = getattr(cfg, "max_steps", None)
+    per_epoch_fn = getattr(cfg, "steps_per_epoch", None)
+    train = getattr(trainer, "train_dataset", None)
+    if cap is not None and callable(per_epoch_fn) and train is not None:
+        world = getattr(getattr(trainer, "context", None), "world_size", 1)
+        per_epoch = max(1, int(per_epoch_fn(len(train), world)))
+        epochs = min(epochs, -(-int(cap) // per_epoch))
+    return epochs
+
+
+def epochs_from_fraction(fraction: float, total: int, name: str = "fraction") -> int:
+    """``round(fraction * total)``, at least 1: the epochs of a phase that takes ``fraction`` of a
+    ``total``-epoch budget. ``fraction`` must lie in ``(0, 1)``."""
+    if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) < 1.0):
+        raise ValueError(f"{name} must lie in (0, 1), got {fraction!r}")
+    if int(total) < 1:
+        raise ValueError(f"the training budget must be >= 1 epoch, got {total}")
+    return max(1, int(round(float(fraction) * int(total))))
 
 
 def zero_loss(module: nn.Module) -> Tensor:
@@ -331,6 +382,10 @@ def unimodal(info: Any, config: Any = None, *, preset: str | None = None, **kwar
 # --------------------------------------------------------------------------------------------------
 
 
+#: selection metrics that improve downwards (the others improve upwards)
+_LOWER_IS_BETTER = frozenset({"mae", "mse", "rmse"})
+
+
 class Specialists(Method):
     r"""One :class:`FusionModel` per non-empty modality pattern; each sample routed to its own.
 
@@ -338,20 +393,65 @@ class Specialists(Method):
     only those modalities. ``predict`` groups the batch by pattern code (:func:`pattern_codes`) and
     runs each pattern's model once on its group.
 
+    **Selection per pattern.** :meth:`update_selection` scores every specialist on the validation
+    samples that have its pattern (restricted to the pattern's modalities, so the score is the
+    specialist's own on pattern-:math:`P` inputs) with ``select_metric``, and copies a specialist
+    whose score improved on its best so far into ``selected`` (frozen copies, never trained, in the
+    state dict so checkpoints and resumes keep them). Once a selection exists, ``predict`` uses the
+    selected copies; ``models`` keep training. Buffers: ``selection_score`` ``(P,)`` (NaN before the
+    first score), ``selection_epoch`` ``(P,)`` (-1 before).
+
+    Hooks (the trainer calls them when present):
+
+    * ``after_train_epoch(epoch, trainer)``: update the selection on ``trainer.valid_dataset``
+      after the epoch's training and before the trainer validates, so the trainer's score is the
+      selected ensemble's;
+    * ``selection_veto(valid_dataset)`` (called after validation by the current trainer): updates
+      the selection when ``after_train_epoch`` did not run this epoch; never vetoes;
+    * ``on_fit_end(trainer)``: after the trainer loads its best epoch's state, put back the latest
+      selection (the trainer's best epoch is chosen by one score; a specialist may have improved
+      later). Without this hook, the selection held at the end is the one at the trainer's best
+      epoch: each specialist selected on its own pattern among the epochs up to that one.
+      :meth:`use_latest_selection` does the same by hand.
+
     Args:
         info: dataset description.
         config, preset, **overrides: the backbone :class:`FusionConfig` shared by every specialist.
+        select_metric: metric of :mod:`flowtransfer.metrics` used for selection (default ``"mae"``
+            for regression, ``"acc"`` for classification: the experiment's monitor); ``mae``,
+            ``mse`` and ``rmse`` improve downwards, every other metric upwards.
+        select_batch_size: batch size of the selection passes.
     """
 
     name = "specialists"
 
-    def __init__(self, info: Any, config: Any = None, *, preset: str | None = None, **overrides: Any) -> None:
+    def __init__(self, info: Any, config: Any = None, *, preset: str | None = None,
+                 select_metric: str | None = None, select_batch_size: int = 256, **overrides: Any) -> None:
         super().__init__(info)
         self.backbone_config = _fusion_config(config, preset, overrides)
         self.patterns = nonempty_patterns(self.modalities)
+        metric = select_metric or ("mae" if self.task == "regression" else "acc")
+        known = _selection_metrics(self.task)
+        if metric not in known:
+            raise ValueError(f"select_metric {metric!r} is not a {self.task} metric; known: {sorted(known)}")
+        if int(select_batch_size) < 1:
+            raise ValueError(f"select_batch_size must be >= 1, got {select_batch_size}")
+        self.select_metric = metric
+        self.select_batch_size = int(select_batch_size)
         self.models = nn.ModuleDict({
             self.key(p): backbone(sub_info(self.info, p), self.backbone_config, "specialist") for p in self.patterns
         })
+        self.selected = nn.ModuleDict({
+            self.key(p): backbone(sub_info(self.info, p), self.backbone_config, "specialist") for p in self.patterns
+        })
+        for p in self.selected.parameters():
+            p.requires_grad_(False)
+        self.selected.load_state_dict(self.models.state_dict())
+        self.register_buffer("selection_score", torch.full((len(self.patterns),), float("nan"), dtype=torch.float64))
+        self.register_buffer("selection_epoch", torch.full((len(self.patterns),), -1, dtype=torch.long))
+        self._latest: dict[str, Tensor] | None = None  # the newest selection (see on_fit_end)
+        self._epoch = 0
+        self._updated_epoch: int | None = None
 
     @staticmethod
     def key(pattern: Sequence[str]) -> str:
@@ -361,15 +461,157 @@ class Specialists(Method):
     @property
     def hparams(self) -> dict[str, Any]:
         return {"name": self.name, "dataset_info": self.info.to_dict(),
-                "config": {"config": self.backbone_config.to_dict()}}
+                "config": {"config": self.backbone_config.to_dict(), "select_metric": self.select_metric,
+                           "select_batch_size": self.select_batch_size}}
 
-    def specialist(self, pattern: Sequence[str]) -> FusionModel:
-        """The model of ``pattern`` (modality names, any order)."""
+    @property
+    def lower_is_better(self) -> bool:
+        return self.select_metric in _LOWER_IS_BETTER
+
+    @property
+    def has_selection(self) -> bool:
+        """True once :meth:`update_selection` has run (``predict`` then uses ``selected``)."""
+        return bool((self.selection_epoch >= 0).any())
+
+    def _ordered(self, pattern: Sequence[str]) -> tuple[str, ...]:
         ordered = tuple(m for m in self.modalities if m in set(pattern))
         if not ordered or len(ordered) != len(set(pattern)):
             raise KeyError(f"no specialist for pattern {list(pattern)}; modalities are {list(self.modalities)}")
-        return self.models[self.key(ordered)]  # type: ignore[return-value]
+        return ordered
 
+    def specialist(self, pattern: Sequence[str]) -> FusionModel:
+        """The model of ``pattern`` (modality names, any order) that is being trained."""
+        return self.models[self.key(self._ordered(pattern))]  # type: ignore[return-value]
+
+    def selected_specialist(self, pattern: Sequence[str]) -> FusionModel:
+        """The selected (best on its own pattern's validation data) copy of ``pattern``'s model."""
+        return self.selected[self.key(self._ordered(pattern))]  # type: ignore[return-value]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Only the trained copies (``models``); the selected copies are never optimised."""
+        params = [p for p in self.models.parameters() if p.requires_grad]
+        return [{"name": "specialists", "params": params}] if params else []
+
+    # ------------------------------------------------------------------ selection
+    @torch.no_grad()
+    def pattern_scores(self, dataset: Any, models: nn.ModuleDict | None = None) -> dict[tuple[str, ...], float]:
+        """``select_metric`` of each specialist on ``dataset``'s samples that have its pattern.
+
+        Specialist :math:`P` sees, for every sample whose presence mask has all of :math:`P`, only
+        :math:`P`'s modalities (the input it gets at test for pattern :math:`P`). A pattern that no
+        sample has scores NaN. ``models`` defaults to the trained copies.
+        """
+        from flowtransfer.metrics import classification_metrics, regression_metrics
+
+        if tuple(dataset.modalities) != self.modalities:
+            raise ValueError(f"dataset modalities {list(dataset.modalities)} differ from {list(self.modalities)}")
+        models = self.models if models is None else models
+        device = next(iter(self.buffers())).device
+        preds: dict[str, list[Tensor]] = {self.key(p): [] for p in self.patterns}
+        targets: dict[str, list[Tensor]] = {self.key(p): [] for p in self.patterns}
+        was = [(m, m.training) for m in models.values()]
+        for m in models.values():
+            m.eval()
+        try:
+            for batch in dataset.loader(self.select_batch_size, shuffle=False, drop_last=False):
+                batch = batch.to(device)
+                for p in self.patterns:
+                    cols = [self.modalities.index(m) for m in p]
+                    rows = batch.mask[:, cols].all(dim=1)
+                    if not bool(rows.any()):
+                        continue
+                    k = self.key(p)
+                    sub = restrict_batch(batch, p, rows)
+                    preds[k].append(models[k].predict(sub).float().cpu())
+                    targets[k].append(sub.labels.cpu())
+        finally:
+            for m, mode in was:
+                m.train(mode)
+        out: dict[tuple[str, ...], float] = {}
+        for p in self.patterns:
+            k = self.key(p)
+            if not preds[k]:
+                out[p] = float("nan")
+                continue
+            pred, target = torch.cat(preds[k]).numpy(), torch.cat(targets[k]).numpy()
+            if self.task == "regression":
+                scores = regression_metrics(pred, target)
+            else:
+                scores = classification_metrics(pred, target, num_classes=self.info.num_classes)
+            out[p] = float(scores[self.select_metric])
+        return out
+
+    @torch.no_grad()
+    def update_selection(self, dataset: Any, epoch: int | None = None) -> dict[tuple[str, ...], bool]:
+        """Score every trained specialist on its own pattern of ``dataset`` (:meth:`pattern_scores`)
+        and keep it in ``selected`` where it beats its best score so far (strictly; the first score
+        always counts). A pattern absent from ``dataset`` keeps the latest weights, score NaN.
+
+        Returns pattern -> whether that specialist's selection changed.
+        """
+        epoch = self._epoch if epoch is None else int(epoch)
+        scores = self.pattern_scores(dataset)
+        changed: dict[tuple[str, ...], bool] = {}
+        for i, p in enumerate(self.patterns):
+            score, best = scores[p], float(self.selection_score[i])
+            if math.isnan(score):
+                better = True  # nothing to select on: follow the training
+            elif math.isnan(best):
+                better = True
+            else:
+                better = score < best if self.lower_is_better else score > best
+            if better:
+                k = self.key(p)
+                self.selected[k].load_state_dict(self.models[k].state_dict())
+                self.selection_score[i] = score
+                self.selection_epoch[i] = epoch
+            changed[p] = better
+        self._latest = {k: v.detach().clone() for k, v in self._selection_state().items()}
+        self._updated_epoch = epoch
+        return changed
+
+    def _selection_state(self) -> dict[str, Tensor]:
+        state = {f"selected.{k}": v for k, v in self.selected.state_dict().items()}
+        state["selection_score"] = self.selection_score
+        state["selection_epoch"] = self.selection_epoch
+        return state
+
+    @torch.no_grad()
+    def use_latest_selection(self) -> bool:
+        """Put back the newest selection made in this process (after something loaded an older
+        state dict, e.g. the trainer's best epoch). Returns False when there is none."""
+        if self._latest is None:
+            return False
+        self.load_state_dict(self._latest, strict=False)
+        return True
+
+    @property
+    def selection(self) -> dict[tuple[str, ...], tuple[int, float]]:
+        """Pattern -> (selected epoch, its validation score on that pattern)."""
+        return {p: (int(self.selection_epoch[i]), float(self.selection_score[i])) for i, p in enumerate(self.patterns)}
+
+    # ------------------------------------------------------------------ trainer hooks
+    def on_epoch_start(self, epoch: int, trainer: Any = None) -> None:
+        """Trainer hook: remember the epoch (for the selection record)."""
+        self._epoch = int(epoch)
+
+    def after_train_epoch(self, epoch: int, trainer: Any) -> None:
+        """Trainer hook (after an epoch's training, before validation): :meth:`update_selection`
+        on ``trainer.valid_dataset``."""
+        self.update_selection(trainer.valid_dataset, epoch)
+
+    def selection_veto(self, dataset: Any) -> None:
+        """Called by the trainer after validating: updates the selection if ``after_train_epoch``
+        did not this epoch. Never vetoes an epoch."""
+        if self._updated_epoch != self._epoch:
+            self.update_selection(dataset, self._epoch)
+        return None
+
+    def on_fit_end(self, trainer: Any = None) -> None:
+        """Trainer hook (after it loaded its best epoch): :meth:`use_latest_selection`."""
+        self.use_latest_selection()
+
+    # ------------------------------------------------------------------ interface
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Sum over patterns of the specialist's task loss on the samples that have the pattern."""
         self._check_batch(batch)
@@ -384,19 +626,21 @@ class Specialists(Method):
             parts[f"task_{self.key(p)}"] = float(loss.detach())
             total = loss if total is None else total + loss
         if total is None:  # cannot happen for a valid batch (every row has some modality)
-            total = zero_loss(self)
+            total = zero_loss(self.models)
         parts["loss"] = float(total.detach())
         return total, parts
 
     def predict(self, batch: Batch) -> Tensor:
-        """Route each pattern group to its specialist: ``(B,)`` or ``(B, K)``."""
+        """Route each pattern group to its specialist (the selected copy once a selection exists):
+        ``(B,)`` or ``(B, K)``."""
         self._check_batch(batch)
+        models = self.selected if self.has_selection else self.models
         codes = pattern_codes(batch.mask)
         out: Tensor | None = None
         for code in torch.unique(codes).tolist():
             rows = codes == code
             p = self.patterns[int(code) - 1]
-            pred = self.models[self.key(p)].predict(restrict_batch(batch, p, rows))
+            pred = models[self.key(p)].predict(restrict_batch(batch, p, rows))
             if out is None:
                 out = pred.new_zeros((len(batch),) + tuple(pred.shape[1:]))
             out[rows] = pred
@@ -404,9 +648,18 @@ class Specialists(Method):
         return out
 
 
+def _selection_metrics(task: str) -> frozenset[str]:
+    """Metric names :func:`~flowtransfer.metrics.regression_metrics` /
+    :func:`~flowtransfer.metrics.classification_metrics` report for ``task``."""
+    if task == "regression":
+        return frozenset({"acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "mae", "corr"})
+    return frozenset({"acc", "f1_macro", "f1_weighted"})
+
+
 @register_method("specialists")
 def specialists(info: Any, config: Any = None, *, preset: str | None = None, **overrides: Any) -> Specialists:
-    """One model per available-modality pattern (MMANet's customized models), routed by pattern."""
+    """One model per available-modality pattern (MMANet's customized models), routed by pattern,
+    each selected on validation data of its own pattern."""
     return Specialists(info, config, preset=preset, **overrides)
 
 

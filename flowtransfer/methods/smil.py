@@ -5,6 +5,24 @@ Setting: the training set mixes :math:`\mathcal D^f` (samples with every modalit
 :math:`\eta` = 10% / 20% of samples have it; see
 :func:`flowtransfer.data.missing.training_missing_mask`). Tests may have :math:`m^\star` or not.
 
+**Which modality is** :math:`m^\star` (``missing_modality``, default ``"paper"``): the paper's
+rule, :func:`paper_missing_modality`. SMIL makes the *text* incomplete on CMU-MOSI and MM-IMDb
+("we assume image modality to be complete, and the text modality to be incomplete", Sec. 4.2) and
+the *audio* on AV-MNIST (Sec. 4.3): text (``L``) when the data has it, else audio (``A``), else the
+last modality. Pass a modality name to choose another; the choice is recorded in ``hparams``.
+
+**Reconstruction** (``reconstruction``): ``"paper"`` takes the weights
+:math:`\omega \sim \mathcal N(\mathbf 1, \sigma(x^1))` of the paper. Their mean does not depend on
+the input, so at test (:math:`\omega = \mathbf 1`) the reconstruction is the **same constant for
+every sample** (the mean of the priors); it is still fed to the fusion as a present modality (that
+is SMIL's design: the fusion never learns a separate absent-modality path). With ``m* = L`` on
+MOSI, where text is the informative modality, that constant text makes up most of the training
+signal when the training data are complete (the inner step always sees it, and half the outer
+loss), which is why such a run falls far below zero filling even at MR 0 (issue 11).
+``"official"`` (the released code, also registered as ``smil_official``) makes the weights
+input-dependent and deterministic, :math:`w = \mathrm{softplus}(g(x^1))`, so the reconstruction
+varies with the available modalities; benchmark both.
+
 Model (:class:`SMIL`):
 
 * **Main network** :math:`f_\theta`: the shared :class:`~flowtransfer.methods.fusion_model.FusionModel`
@@ -55,8 +73,8 @@ Departures from the paper and the released code (METHODS.md §4.3):
   the inner step uses the :math:`\mathcal D^f` rows with :math:`m^\star` hidden.
 * **No meta step without gradients.** Under ``torch.no_grad`` (validation loss) the loss is
   the outer objective under :math:`\theta` (no inner step).
-* **More than two modalities.** :math:`m^\star` is ``missing_modality`` (default: the last
-  modality); the others are treated as available: where one of them is absent it is zero-filled
+* **More than two modalities.** :math:`m^\star` is ``missing_modality`` (default: the paper's
+  rule above); the others are treated as available: where one of them is absent it is zero-filled
   and the fusion gets the mask, as in ``zero_fill``.
 * **Model selection on validation** only (the released code keeps the checkpoint with the best
   *test* accuracy). KL prior :math:`p(z)` (unspecified in the paper): :math:`\mathcal N(\mathbf 1, I)`
@@ -82,10 +100,36 @@ from .base import Method, register_method
 from .fusion_model import FusionModel
 from .simple import _fusion_config, zero_loss
 
-__all__ = ["kmeans", "gaussian_kl", "PriorReconstruction", "FeatureRegulariser", "SMIL", "RECONSTRUCTIONS"]
+__all__ = [
+    "kmeans",
+    "gaussian_kl",
+    "PriorReconstruction",
+    "FeatureRegulariser",
+    "SMIL",
+    "RECONSTRUCTIONS",
+    "PAPER_MISSING_ORDER",
+    "paper_missing_modality",
+]
 
-#: reconstruction variants
+#: reconstruction variants: ``paper`` (omega ~ N(1, sigma), constant at test), ``official``
+#: (input-dependent deterministic weights)
 RECONSTRUCTIONS = ("paper", "official")
+
+#: the paper's choice of the incomplete modality, in order of preference: text (CMU-MOSI, MM-IMDb;
+#: Ma et al. 2021, Sec. 4.2), then audio (AV-MNIST, Sec. 4.3)
+PAPER_MISSING_ORDER: tuple[str, ...] = ("L", "A")
+
+
+def paper_missing_modality(modalities: tuple[str, ...] | list[str]) -> str:
+    """SMIL's :math:`m^\\star` for a dataset with these modalities: the first of
+    :data:`PAPER_MISSING_ORDER` it has (text, then audio), else its last modality."""
+    mods = tuple(modalities)
+    if not mods:
+        raise ValueError("paper_missing_modality: no modalities")
+    for m in PAPER_MISSING_ORDER:
+        if m in mods:
+            return m
+    return mods[-1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,9 +314,11 @@ class SMIL(Method):
     Args:
         info: dataset description.
         config, preset, **overrides: the main network's :class:`~flowtransfer.methods.presets.FusionConfig`.
-        missing_modality: :math:`m^\star` (default: the last modality).
+        missing_modality: :math:`m^\star`: a modality name, or ``"paper"`` (default) for the
+            paper's rule (:func:`paper_missing_modality`: text, else audio, else the last).
         num_priors: K (k-means centres).
-        reconstruction: ``"paper"`` (:math:`\omega\sim\mathcal N(1,\sigma)`) or ``"official"``.
+        reconstruction: ``"paper"`` (:math:`\omega\sim\mathcal N(1,\sigma)`: the mean of the
+            priors at test, the same for every sample) or ``"official"`` (input-dependent weights).
         regularisation: ``"add"`` or ``"mul"``.
         inner_lr: :math:`\alpha`; inner_steps: K of Algorithm 1; first_order: FOMAML.
         mc_samples: L Monte-Carlo draws of :math:`z` in the outer loss.
@@ -287,7 +333,7 @@ class SMIL(Method):
     name = "smil"
 
     def __init__(self, info: Any, config: Any = None, *, preset: str | None = None,
-                 missing_modality: str | None = None, num_priors: int = 10, reconstruction: str = "paper",
+                 missing_modality: str | None = "paper", num_priors: int = 10, reconstruction: str = "paper",
                  regularisation: str = "add", inner_lr: float = 1e-3, inner_steps: int = 1,
                  first_order: bool = False, mc_samples: int = 1, kl_weight: float = 1e-3,
                  feature_match_weight: float = 0.01, include_inner_loss: bool = True, hidden: int = 64,
@@ -295,7 +341,9 @@ class SMIL(Method):
         super().__init__(info)
         if len(self.modalities) < 2:
             raise ValueError("SMIL needs two or more modalities")
-        star = self.modalities[-1] if missing_modality is None else missing_modality
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"unknown reconstruction {reconstruction!r}; expected one of {RECONSTRUCTIONS}")
+        star = paper_missing_modality(self.modalities) if missing_modality in (None, "paper") else missing_modality
         if star not in self.modalities:
             raise KeyError(f"SMIL: unknown missing_modality {star!r}; known: {list(self.modalities)}")
         if inner_steps < 1 or mc_samples < 1:
@@ -499,4 +547,12 @@ class SMIL(Method):
 @register_method("smil")
 def smil(info: Any, config: Any = None, *, preset: str | None = None, **kwargs: Any) -> SMIL:
     """SMIL (Ma et al., AAAI 2021); call ``prepare(train_dataset)`` before training (fits the priors)."""
+    return SMIL(info, config, preset=preset, **kwargs)
+
+
+@register_method("smil_official")
+def smil_official(info: Any, config: Any = None, *, preset: str | None = None, **kwargs: Any) -> SMIL:
+    """SMIL with the released code's input-dependent reconstruction (``reconstruction="official"``)."""
+    if kwargs.setdefault("reconstruction", "official") != "official":
+        raise ValueError(f"smil_official uses reconstruction='official', got {kwargs['reconstruction']!r}")
     return SMIL(info, config, preset=preset, **kwargs)
