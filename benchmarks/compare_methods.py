@@ -1,11 +1,23 @@
-"""Every method on the same footing: one table and one plot of score against missing rate per dataset.
+"""Every method on the same footing, as a resumable suite of cells: tables, paired differences and plots per dataset.
 
-Issue 5, "Comparison". Each (dataset, method) pair is one call of
-:func:`flowtransfer.experiment.run_experiment` (the one training/evaluation loop of the toolkit): one
-model per method and seed, selected on the validation split only, evaluated on the test split under
-every setting. Test masks depend only on the seed, so every method sees the same masks. A method
-that raises is recorded as ``failed: <error>`` (traceback in ``<runs>/<key>/<method>/error.txt``)
-and the others go on.
+Issues 5 and 11. A **cell** is one (dataset key, method, seed): one call of
+:func:`flowtransfer.experiment.run_experiment` (the toolkit's one training/evaluation loop) into its
+own folder ``<runs>/<key>/<method>/seed<k>/``, holding that cell's ``results.csv``/``results.json``,
+``config.json``, checkpoints and, written atomically **last**, the finished marker ``DONE.json``
+(the cell's settings, seconds and budget). A cell without the marker is unfinished: the next run
+resumes it from its checkpoints (bit-identical to an uninterrupted run); a cell with it is skipped.
+One model per method and seed, selected on the validation split only, evaluated on the test split
+under every setting; test masks depend only on the seed, so every method sees the same masks. A
+cell that raises is recorded as ``failed: <error>`` (traceback in its folder's ``error.txt``) and
+the others go on.
+
+**The budget rule** (issue 11): every method trains until its validation score plateaus (early
+stopping with ``--patience``, learning rate halved after ``--lr-patience`` epochs without
+improvement) under **one cap of optimiser steps**, ``--max-steps``, the same for every method; a
+two-stage method (DiCMoR) shares it between its stages (:func:`flowtransfer.experiment.stage_cap`).
+``--epochs`` is only a safety limit. Each row records ``steps``, ``best_step``, ``stop_reason``
+(``plateau``/``cap``/``epochs``) and ``improving_at_stop``; the tables mark ``(!)`` a method that
+stopped on the cap or the epoch limit while still improving.
 
 Datasets (``--datasets``, comma-separated keys):
 
@@ -26,18 +38,30 @@ zero-filled when absent): ``A`` on AV-MNIST (SMIL's own choice: audio scarce, im
 ``L`` on MOSI (text carries nearly all the signal there, so text is the modality whose absence
 costs most and is worth reconstructing), and ``L`` on the synthetic data for the same reason.
 
-Outputs in ``--out`` (default ``benchmarks/results``), per dataset key:
-``compare_<key>_results.csv`` (one row per method, setting and seed), ``compare_<key>_table.txt``
-(every metric, mean ± std over seeds, with training seconds, plus failures),
-``compare_<key>_headline.md`` (methods as columns, settings as rows, the headline metric, and the
-best method per setting), ``compare_<key>_curves.png`` (score against missing rate). Checkpoints,
-masks and per-method run folders go to ``--runs`` (default ``runs/compare``, ignored by git).
+Outputs in ``--out`` (default ``benchmarks/results``), per dataset key, rebuilt from every
+finished cell (``--report-only`` does only this): ``compare_<key>_results.csv`` (one row per
+method, setting and seed), ``compare_<key>_table.txt`` (every metric, mean ± std over seeds, the
+budget table, failures, missing cells), ``compare_<key>_headline.md`` (methods as columns,
+settings as rows, the headline metric, the best method per setting, the steps and stop rows, and
+the paired per-seed differences of every method against zero filling and against the best other
+method with 95% t intervals; ``*`` marks a difference distinguishable from zero),
+``compare_<key>_curves.png`` (score against missing rate). Checkpoints, masks and the cells go to
+``--runs`` (default ``runs/compare``, ignored by git).
 
-Run (the commands behind benchmarks/COMPARISON.md are listed there)::
+Run::
 
     .venv/bin/python benchmarks/compare_methods.py --quick                  # smoke test, < 2 min
-    .venv/bin/python benchmarks/compare_methods.py --datasets synthetic --seeds 2 --epochs 8
+    .venv/bin/python benchmarks/compare_methods.py --datasets avmnist --methods zero_fill,dicmor --seeds 5 \
+        --max-steps 2000 --plan                                             # the cells and their cost
+    .venv/bin/python benchmarks/compare_methods.py --datasets avmnist --methods zero_fill --seeds 0,3,4 \
+        --max-steps 2000 --device auto                                      # run (or resume) those cells
     .venv/bin/python benchmarks/compare_methods.py --report-only            # rebuild tables from runs/
+
+``--plan`` measures a few optimiser steps of every planned method (its first unfinished seed) and
+one validation pass, then prints each unfinished cell with an estimate of its wall time: planned
+steps (``min(max_steps, epochs x steps per epoch)``, no early stop assumed) over the measured
+steps per second plus the validation and test evaluation passes. It estimates time only, never
+results.
 """
 
 from __future__ import annotations
@@ -56,6 +80,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # paired_differences beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ALL_METHODS: tuple[str, ...] = (
     "dicmor", "dicmor_official", "smil", "mmanet", "cyin", "zero_fill", "mean_fill",
@@ -129,8 +155,87 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# running
+# cells
 # --------------------------------------------------------------------------------------------------
+
+#: the finished marker of a cell, written atomically after everything else
+DONE = "DONE.json"
+#: ExperimentConfig fields that do not change a cell's result (or only where it runs)
+_NOT_SETTINGS = frozenset({"out", "progress", "resume", "device", "data"})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (dataset key, method, seed)."""
+
+    key: str
+    method: str
+    seed: int
+
+    def folder(self, runs: str | Path) -> Path:
+        return Path(runs) / self.key / self.method / f"seed{self.seed}"
+
+    def __str__(self) -> str:
+        return f"{self.key}/{self.method}/seed{self.seed}"
+
+
+def _methods_for(spec: Spec, args: argparse.Namespace) -> tuple[str, ...]:
+    methods = args.methods or ALL_METHODS
+    return tuple(m for m in methods if not spec.smil_setting or m in args.smil_methods)
+
+
+def requested_cells(keys: Sequence[str], args: argparse.Namespace) -> list[Cell]:
+    """The cells the command names: keys x methods x seeds (seeds outside: every method gets seed 0 first)."""
+    seeds = args.seeds if args.seeds is not None else tuple(range(5))
+    return [Cell(k, m, s) for k in keys for s in seeds for m in _methods_for(SPECS[k], args)]
+
+
+def cell_config(cell: Cell, args: argparse.Namespace, **changes: Any) -> Any:
+    """The :class:`~flowtransfer.experiment.ExperimentConfig` of one cell."""
+    from flowtransfer.experiment import ExperimentConfig
+
+    spec = SPECS[cell.key]
+    dataset_options: dict[str, Any] = {}
+    if spec.dataset == "avmnist" and args.max_per_split:
+        dataset_options["max_per_split"] = args.max_per_split
+    if spec.dataset == "synthetic" and args.quick:
+        dataset_options.update(n_train=96, n_valid=48, n_test=64)
+    dataset_options.update(args.dataset_options or {})
+    settings: dict[str, Any] = dict(
+        dataset=spec.dataset, data=_data_path(spec, args), methods=(cell.method,), seeds=(cell.seed,),
+        rates=spec.rates, patterns=True, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, early_stop_patience=args.patience, lr_plateau_patience=args.lr_patience,
+        max_steps=args.max_steps, max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
+        method_options={cell.method: dict(spec.method_options.get(cell.method, {}))},
+        dataset_options=dataset_options, train_eta=spec.train_eta, train_eta_modality=spec.train_eta_modality,
+        out=str(cell.folder(args.runs)), progress=args.progress, resume=True,
+    )
+    settings.update(changes)
+    return ExperimentConfig(**settings)
+
+
+def cell_settings(cfg: Any) -> dict[str, Any]:
+    """What determines a cell's result: its config as plain data, less where it runs and writes."""
+    from dataclasses import asdict
+
+    plain = json.loads(json.dumps(asdict(cfg), default=str))
+    return {k: v for k, v in plain.items() if k not in _NOT_SETTINGS}
+
+
+def cell_state(cell: Cell, args: argparse.Namespace, cfg: Any | None = None) -> str:
+    """``"done"`` (finished marker present, same settings), ``"stale"`` (finished under other
+    settings), ``"partial"`` (started, not finished) or ``"new"``; without ``cfg`` any marker is done."""
+    folder = cell.folder(args.runs)
+    marker = folder / DONE
+    if marker.is_file():
+        if cfg is None:
+            return "done"
+        try:
+            saved = json.loads(marker.read_text()).get("settings")
+        except (OSError, ValueError):
+            return "partial"  # unreadable marker: not finished
+        return "done" if saved == cell_settings(cfg) else "stale"
+    return "partial" if folder.exists() else "new"
 
 
 def _data_path(spec: Spec, args: argparse.Namespace) -> str | None:
@@ -142,70 +247,73 @@ def _data_path(spec: Spec, args: argparse.Namespace) -> str | None:
     return str(path)
 
 
-def _tolerate_methods_without_recovery() -> None:
-    """Work around a runner bug (reported): ``flowtransfer.experiment.recovery_distances`` checks
-    ``hasattr(method, "recover")``, which is always true because the ``Method`` base class defines
-    ``recover``/``encode`` to raise ``NotImplementedError``; so ``mmanet``, ``specialists`` and
-    ``unimodal`` crash at evaluation after training. Here that error means "no recovered features":
-    no Fréchet distance for the row, as the runner intends. A no-op once the runner catches it."""
-    import flowtransfer.experiment as experiment
+def run_cell(cell: Cell, args: argparse.Namespace, failures: dict[str, str]) -> str:
+    """Run (or resume) one cell unless it is finished; return what happened."""
+    import shutil
 
-    original = experiment.recovery_distances
-    if getattr(original, "_tolerates_not_implemented", False):
-        return
+    from flowtransfer.experiment import run_experiment
+    from flowtransfer.io import atomic_write_json
+    from flowtransfer.training.results import budget_records
 
-    def recovery_distances(method: Any, test: Any, mask: Any) -> dict[str, float]:
+    cfg = cell_config(cell, args)
+    folder = cell.folder(args.runs)
+    state = cell_state(cell, args, cfg)
+    if state == "done" and not args.force:
+        return "finished before: skipped"
+    if state == "stale" and not args.force:
+        return "finished under other settings: skipped (--force reruns it)"
+    if state == "partial":
+        saved = folder / "config.json"
         try:
-            return original(method, test, mask)
-        except NotImplementedError:
-            return {}
+            same = saved.is_file() and cell_settings(cfg) == {
+                k: v for k, v in json.loads(saved.read_text()).items() if k not in _NOT_SETTINGS | {"data_report"}}
+        except (OSError, ValueError):
+            same = False
+        if not same:  # an unfinished cell of other settings: its checkpoints must not be resumed
+            shutil.rmtree(folder)
+    if args.force and folder.exists():
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    try:
+        rows = run_experiment(cfg, log=(print if args.verbose else lambda s: None))
+    except Exception as err:  # noqa: BLE001 - one cell's failure must not stop the others
+        message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        failures[f"{cell.method}/seed{cell.seed}"] = message
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "error.txt").write_text(traceback.format_exc())
+        return f"FAILED after {time.perf_counter() - start:.0f} s: {message}"
+    failures.pop(f"{cell.method}/seed{cell.seed}", None)
+    seconds = time.perf_counter() - start
+    budget = budget_records(rows)
+    atomic_write_json(folder / DONE, {
+        "cell": str(cell), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
+        "device": cfg.resolved_device(), "rows": len(rows), "settings": cell_settings(cfg),
+        "budget": {k: budget[0][k] for k in ("steps", "best_step", "stop_reason", "improving_at_stop")} if budget else None,
+    })
+    stop = f", {budget[0]['steps']} steps, stopped on {budget[0]['stop_reason']}" if budget else ""
+    flag = " while still improving (!)" if budget and budget[0]["improving_at_stop"] else ""
+    return f"done in {seconds:.0f} s{stop}{flag}"
 
-    recovery_distances._tolerates_not_implemented = True  # type: ignore[attr-defined]
-    experiment.recovery_distances = recovery_distances
 
-
-def run_key(key: str, args: argparse.Namespace) -> None:
-    """Run every requested method on one dataset key, one ``run_experiment`` call per method and seed."""
-    from flowtransfer.experiment import ExperimentConfig, run_experiment
-
-    _tolerate_methods_without_recovery()
-
-    spec = SPECS[key]
-    methods = [m for m in args.methods if not spec.smil_setting or m in args.smil_methods]
-    data = _data_path(spec, args)
-    dataset_options: dict[str, Any] = {}
-    if spec.dataset == "avmnist" and args.max_per_split:
-        dataset_options["max_per_split"] = args.max_per_split
-    if spec.dataset == "synthetic" and args.quick:
-        dataset_options.update(n_train=96, n_valid=48, n_test=64)
-    runs = Path(args.runs) / key
-    failures = _read_failures(runs)
-    for seed in args.seeds:  # seeds outside, methods inside: every method gets seed 0 first
-        for name in methods:
-            run_dir = runs / name / f"seed{seed}"
-            if args.skip_done and (run_dir / "results.csv").is_file():
-                print(f"[{key}] {name} seed {seed}: already done, skipped", flush=True)
-                continue
-            cfg = ExperimentConfig(
-                dataset=spec.dataset, data=data, methods=(name,), seeds=(seed,), rates=spec.rates,
-                patterns=True, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                early_stop_patience=args.patience, max_steps_per_epoch=args.max_steps_per_epoch,
-                method_options={name: dict(spec.method_options.get(name, {}))},
-                dataset_options=dict(dataset_options), train_eta=spec.train_eta,
-                train_eta_modality=spec.train_eta_modality, out=str(run_dir), progress=args.progress,
-            )
-            start = time.perf_counter()
-            try:
-                run_experiment(cfg, log=(print if args.verbose else lambda s: None))
-                failures.pop(f"{name}/seed{seed}", None)
-                print(f"[{key}] {name} seed {seed}: done in {time.perf_counter() - start:.0f} s", flush=True)
-            except Exception as err:  # noqa: BLE001 - one method's failure must not stop the others
-                message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-                failures[f"{name}/seed{seed}"] = message
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "error.txt").write_text(traceback.format_exc())
-                print(f"[{key}] {name} seed {seed}: FAILED after {time.perf_counter() - start:.0f} s: {message}",
-                      flush=True)
+def run_keys(keys: Sequence[str], args: argparse.Namespace) -> None:
+    """Run every requested cell that is not finished, key by key; rebuild each key's report after it."""
+    cells = requested_cells(keys, args)
+    todo = [c for c in cells if cell_state(c, args) != "done" or args.force]
+    print(f"{len(cells)} cells requested, {len(cells) - len(todo)} finished, {len(todo)} to run", flush=True)
+    for key in keys:
+        mine = [c for c in cells if c.key == key]
+        if not mine:
+            continue
+        try:
+            _data_path(SPECS[key], args)
+        except FileNotFoundError as err:
+            print(f"[{key}] skipped: {err}", file=sys.stderr, flush=True)
+            continue
+        runs = Path(args.runs) / key
+        failures = _read_failures(runs)
+        for cell in mine:
+            outcome = run_cell(cell, args, failures)
+            print(f"[{cell}] {outcome}", flush=True)
             _write_failures(runs, failures)
         report_key(key, args)
 
@@ -216,8 +324,125 @@ def _read_failures(runs: Path) -> dict[str, str]:
 
 
 def _write_failures(runs: Path, failures: dict[str, str]) -> None:
+    from flowtransfer.io import atomic_write_json
+
     runs.mkdir(parents=True, exist_ok=True)
-    (runs / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
+    atomic_write_json(runs / "failures.json", failures)
+
+
+def missing_cells(keys: Sequence[str], args: argparse.Namespace) -> list[Cell]:
+    """Requested cells without a finished marker."""
+    return [c for c in requested_cells(keys, args) if cell_state(c, args) != "done"]
+
+
+def format_missing(cells: Sequence[Cell]) -> str:
+    """``missing: avmnist/dicmor seeds 3,4; ...`` grouped by key and method, or ``missing: none``."""
+    if not cells:
+        return "missing: none"
+    groups: dict[tuple[str, str], list[int]] = {}
+    for c in cells:
+        groups.setdefault((c.key, c.method), []).append(c.seed)
+    parts = [f"{k}/{m} seed{'s' if len(s) > 1 else ''} {','.join(map(str, s))}" for (k, m), s in groups.items()]
+    return f"missing ({len(cells)} cells): " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# planning: measured steps per second, never extrapolated results
+# --------------------------------------------------------------------------------------------------
+
+
+def measure_method(cell: Cell, args: argparse.Namespace, splits: dict[str, Any]) -> dict[str, Any]:
+    """Train ``cell``'s method for 2 short epochs of ``--plan-steps`` steps per stage (the first
+    epoch of each stage is the warm-up) and time a validation pass.
+
+    Returns ``{"rates": {stage: steps per second}, "valid_seconds": s}``; the rate of a stage is
+    its second epoch's steps over that epoch's seconds less one validation pass.
+    """
+    import tempfile
+
+    from flowtransfer.experiment import train_method
+    from flowtransfer.training import evaluate
+
+    epochs: list[tuple[str, int, int, float]] = []
+
+    def record(trainer: Any, rec: dict[str, Any]) -> None:
+        previous = trainer.history[-2]["steps"] if len(trainer.history) > 1 else 0
+        stage = str(getattr(trainer.method, "stage", None) or "single")
+        epochs.append((stage, int(rec["epoch"]), int(rec["steps"]) - int(previous), float(rec["seconds"])))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = cell_config(cell, args, epochs=2, max_steps_per_epoch=args.plan_steps, max_steps=None,
+                          early_stop_patience=None, out=tmp, progress=False, resume=False)
+        cfg.validate()
+        method, _ = train_method(cell.method, splits["train"], splits["valid"], cfg, cell.seed, Path(tmp) / "ckpt",
+                                 on_epoch_end=record)
+    start = time.perf_counter()
+    evaluate(method, splits["valid"])
+    valid_seconds = time.perf_counter() - start
+    rates: dict[str, float] = {}
+    for stage, epoch, steps, seconds in epochs:
+        if epoch == 1 and steps:
+            rates[stage] = steps / max(seconds - valid_seconds, 1e-6)
+    return {"rates": rates, "valid_seconds": valid_seconds}
+
+
+def estimate_seconds(cell: Cell, args: argparse.Namespace, splits: dict[str, Any], measured: dict[str, Any]) -> tuple[int, float]:
+    """``(planned steps, estimated seconds)`` of one cell: each stage's planned steps (the shared
+    cap split by :func:`flowtransfer.experiment.stage_cap`, no early stop) at its measured rate, one
+    validation pass per planned epoch, and the test evaluation (one pass per setting)."""
+    from flowtransfer.data import evaluation_settings
+    from flowtransfer.experiment import stage_cap
+
+    cfg = cell_config(cell, args)
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
+    tc = cfg.train_config(train.task, cell.seed)
+    per_epoch = max(1, tc.steps_per_epoch(len(train)))
+    stages = list(measured["rates"])
+    total_steps, seconds, used = 0, 0.0, 0
+    for i, stage in enumerate(stages):
+        cap = stage_cap(cfg.max_steps, len(stages), i, used)
+        steps = tc.epochs * per_epoch if cap is None else min(cap, tc.epochs * per_epoch)
+        used += steps
+        total_steps += steps
+        seconds += steps / measured["rates"][stage] + -(-steps // per_epoch) * measured["valid_seconds"]
+    n_settings = len(evaluation_settings(train.modalities, cfg.rates, patterns=cfg.patterns))
+    seconds += n_settings * measured["valid_seconds"] * len(test) / max(1, len(valid))
+    return total_steps, seconds
+
+
+def plan(keys: Sequence[str], args: argparse.Namespace) -> None:
+    """Print every unfinished requested cell with its planned steps and estimated wall time."""
+    from flowtransfer.experiment import _clock, load_splits
+
+    grand = 0.0
+    for key in keys:
+        todo = [c for c in requested_cells([key], args) if cell_state(c, args) != "done" or args.force]
+        if not todo:
+            print(f"[{key}] every requested cell is finished")
+            continue
+        try:
+            cfg = cell_config(todo[0], args)
+        except FileNotFoundError as err:
+            print(f"[{key}] skipped: {err}")
+            continue
+        splits = load_splits(cfg.dataset, cfg.data, cfg.task, cfg.dataset_options)
+        measured: dict[str, dict[str, Any]] = {}
+        print(f"[{key}] {len(todo)} cells to run; measuring {args.plan_steps} steps per stage of each method "
+              f"on {cfg.resolved_device()} ...", flush=True)
+        for cell in todo:
+            if cell.method not in measured:
+                measured[cell.method] = measure_method(cell, args, splits)
+                rates = ", ".join(f"{s} {r:.1f} steps/s" for s, r in measured[cell.method]["rates"].items())
+                print(f"  {cell.method}: {rates}; validation pass {measured[cell.method]['valid_seconds']:.2f} s",
+                      flush=True)
+        key_total = 0.0
+        for cell in todo:
+            steps, seconds = estimate_seconds(cell, args, splits, measured[cell.method])
+            key_total += seconds
+            print(f"  {cell}: <= {steps} steps, about {_clock(seconds)}")
+        grand += key_total
+        print(f"[{key}] about {_clock(key_total)} in one process (an upper bound: no early stop assumed)")
+    print(f"total about {_clock(grand)} in one process; estimated from measured time only, no result is extrapolated")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,84 +474,169 @@ def _setting_order(settings: list[str]) -> list[str]:
     return sorted(settings, key=key)
 
 
-def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, str], task: str) -> str:
-    """Methods as columns, settings as rows (headline metric, mean ± std over seeds), the best
-    non-bound method per setting, and the mean training time per method."""
+def _values(rows: Sequence[dict[str, Any]], method: str, setting: str, metric: str) -> list[float]:
+    return [float(r[metric]) for r in rows if r["method"] == method and r["setting"] == setting
+            and r.get(metric) is not None and math.isfinite(float(r[metric]))]
+
+
+def _best(rows: Sequence[dict[str, Any]], methods: Sequence[str], setting: str, metric: str, higher: bool,
+          exclude: str | None = None) -> str | None:
+    means = {m: statistics.fmean(v) for m in methods if m not in BOUNDS and m != exclude
+             for v in [_values(rows, m, setting, metric)] if v}
+    return (max if higher else min)(means, key=means.get) if means else None
+
+
+def paired_markdown(rows: Sequence[dict[str, Any]], metric: str, higher: bool, reference: str = "zero_fill") -> str:
+    """Paired per-seed differences of every method against ``reference`` and against the best
+    other (non-bound) method at each setting, 95% t intervals; ``*``: distinguishable from zero."""
+    from paired_differences import paired_by_seed
+
     from flowtransfer.training.results import PERCENT_METRICS
 
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    digits = 1 if scale == 100.0 else 3
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    settings = [s for s in _setting_order(list(dict.fromkeys(r["setting"] for r in rows))) if s != "complete"]
+    unit = " points" if scale == 100.0 else ""
+    lines = [f"Paired differences on **{metric}** (method minus the other, per seed{unit}; mean "
+             f"[95% t interval]; `*` = the interval excludes 0; {'higher' if higher else 'lower'} is better)", ""]
+    for title, pick in ((f"against {reference}", lambda m, s: reference),
+                        ("against the best other method (by mean, bounds excluded)",
+                         lambda m, s: _best(rows, methods, s, metric, higher, exclude=m))):
+        others = [m for m in methods if m != reference] if "best" not in title else methods
+        if "best" not in title and reference not in methods:
+            lines += [f"*{title}*: {reference} has no finished cell", ""]
+            continue
+        lines += [f"*{title}*", "", "| setting | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        for s in settings:
+            cells = []
+            for m in others:
+                other = pick(m, s)
+                d = None if other is None else paired_by_seed(rows, metric, m, other, s)
+                text = "-" if d is None else d.format(scale=scale, digits=digits)
+                cells.append(text if "best" not in title or d is None else f"{text} vs {other}")
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, str], task: str,
+                      missing: Sequence[Cell] = ()) -> str:
+    """Methods as columns, settings as rows (headline metric, mean ± std over seeds), the best
+    non-bound method per setting, training steps and how runs stopped, mean training time, the
+    paired differences, failures and missing cells. ``(!)`` marks a method that stopped on the cap
+    or the epoch limit while still improving in some seed."""
+    from flowtransfer.training.results import PERCENT_METRICS, budget_records, unconverged
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    flagged = {m for m, _ in unconverged(rows)}
+    names = [m + (" (!)" if m in flagged else "") for m in methods]
     settings = _setting_order(list(dict.fromkeys(r["setting"] for r in rows)))
+    budgets = budget_records(rows)
     blocks = []
     for metric, higher in HEADLINE[task]:
         percent = metric in PERCENT_METRICS
         lines = [f"**{metric}**{' (%)' if percent else ''}, {'higher' if higher else 'lower'} is better; "
                  f"best = best mean among non-bound methods (bounds: {', '.join(sorted(BOUNDS))})", "",
-                 "| setting | " + " | ".join(methods) + " | best |",
+                 "| setting | " + " | ".join(names) + " | best |",
                  "|---|" + "---|" * (len(methods) + 1)]
         for s in settings:
-            cells, means = [], {}
-            for m in methods:
-                vals = [float(r[metric]) for r in rows if r["method"] == m and r["setting"] == s
-                        and r.get(metric) is not None and math.isfinite(float(r[metric]))]
-                cells.append(_fmt(vals, percent))
-                if vals and m not in BOUNDS:
-                    means[m] = sum(vals) / len(vals)
-            best = (max if higher else min)(means, key=means.get) if means else "-"
-            lines.append(f"| {s} | " + " | ".join(cells) + f" | {best} |")
-        secs = []
+            cells = [_fmt(_values(rows, m, s, metric), percent) for m in methods]
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {_best(rows, methods, s, metric, higher) or '-'} |")
+        steps, stops, secs = [], [], []
         for m in methods:
-            t = {int(r["seed"]): float(r["train_seconds"]) for r in rows if r["method"] == m and r.get("train_seconds") is not None}
-            v = list(t.values())
-            secs.append("-" if not v else f"{v[0]:.0f}" if len(v) == 1 else
-                        f"{statistics.mean(v):.0f} ± {statistics.stdev(v):.0f}")
+            mine = [b for b in budgets if b["method"] == m]
+            v = [float(b["steps"]) for b in mine]
+            steps.append("-" if not v else f"{v[0]:.0f}" if len(v) == 1 else f"{statistics.mean(v):.0f} ± {statistics.stdev(v):.0f}")
+            counts: dict[str, int] = {}
+            for b in mine:
+                counts[str(b["stop_reason"])] = counts.get(str(b["stop_reason"]), 0) + 1
+            stops.append(", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "-")
+            t = list({int(r["seed"]): float(r["train_seconds"]) for r in rows
+                      if r["method"] == m and r.get("train_seconds") is not None}.values())
+            secs.append("-" if not t else f"{t[0]:.0f}" if len(t) == 1 else f"{statistics.mean(t):.0f} ± {statistics.stdev(t):.0f}")
+        lines.append("| steps | " + " | ".join(steps) + " | |")
+        lines.append("| stopped on | " + " | ".join(stops) + " | |")
         lines.append("| train s | " + " | ".join(secs) + " | |")
+        if flagged:
+            lines += ["", "(!) stopped on the step cap or the epoch limit while still improving in some seed: "
+                      "not converged at this budget"]
         blocks.append("\n".join(lines))
+        blocks.append(paired_markdown(rows, metric, higher))
     if failures:
         blocks.append("\n".join(f"- `{m}`: failed: {e}" for m, e in failures.items()))
+    if missing:
+        blocks.append(format_missing(missing))
     return f"### {key}\n\n" + "\n\n".join(blocks) + "\n"
 
 
-def report_key(key: str, args: argparse.Namespace) -> None:
-    """Gather the per-method run folders of ``key`` into the result files in ``args.out``."""
-    from flowtransfer.experiment import main_metrics
-    from flowtransfer.training import format_table, summarise
-    from flowtransfer.training.results import read_results, write_results
+def collect_rows(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of every finished cell of ``key`` (restricted to ``--methods``/``--seeds`` when given)."""
+    from flowtransfer.training.results import read_results
 
-    spec = SPECS[key]
     runs = Path(args.runs) / key
     rows: list[dict[str, Any]] = []
-    for name in ALL_METHODS:
-        for path in sorted((runs / name).glob("seed*/results.csv"), key=lambda p: int(p.parent.name[4:])):
-            for r in read_results(path):
-                if int(r["seed"]) in args.seeds:  # --report-only --seeds 0 keeps seeds every method has
-                    r["dataset"] = key
-                    rows.append(r)
-    failures = _read_failures(runs)
+    for marker in sorted(runs.glob(f"*/seed*/{DONE}"), key=lambda p: (p.parent.parent.name, int(p.parent.name[4:]))):
+        method, seed = marker.parent.parent.name, int(marker.parent.name[4:])
+        if args.methods and method not in args.methods:
+            continue
+        if args.seeds is not None and seed not in args.seeds:
+            continue
+        for r in read_results(marker.parent):
+            r["dataset"] = key
+            rows.append(r)
+    return rows
+
+
+def _budget_line(key: str, args: argparse.Namespace) -> str:
+    """The training budgets of the finished cells of ``key`` (one line per distinct budget)."""
+    keep = ("preset", "epochs", "max_steps", "early_stop_patience", "lr_plateau_patience", "batch_size", "lr",
+            "max_steps_per_epoch", "dataset_options", "train_eta", "train_eta_modality")
+    seen: dict[str, None] = {}
+    for marker in sorted((Path(args.runs) / key).glob(f"*/seed*/{DONE}")):
+        s = json.loads(marker.read_text()).get("settings", {})
+        seen.setdefault(", ".join(f"{k}={s.get(k)}" for k in keep), None)
+    if not seen:
+        return "budget: -"
+    lines = list(seen)
+    return "budget: " + lines[0] if len(lines) == 1 else "budgets differ between cells:\n" + "\n".join(lines)
+
+
+def report_key(key: str, args: argparse.Namespace) -> None:
+    """Rebuild every file of ``key`` in ``args.out`` from its finished cells; print what is missing."""
+    from flowtransfer.experiment import main_metrics
+    from flowtransfer.training import format_table, summarise
+    from flowtransfer.training.results import UNCONVERGED_MARK, format_budget_table, unconverged, write_results
+
+    spec = SPECS[key]
+    rows = collect_rows(key, args)
+    failures = _read_failures(Path(args.runs) / key)
+    missing = missing_cells([key], args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not rows:
-        print(f"[{key}] no results yet", flush=True)
-        if failures:
-            (out / f"compare_{key}{args.tag}_table.txt").write_text(
-                "".join(f"{m}: failed: {e}\n" for m, e in failures.items()))
+        print(f"[{key}] no finished cell yet; {format_missing(missing)}", flush=True)
         return
     write_results(rows, out, name=f"compare_{key}{args.tag}_results")
     (out / f"compare_{key}{args.tag}_results.json").unlink(missing_ok=True)
     metrics = main_metrics(spec.task) + ["fd_recovered", "fd_zero_fill", "fd_mean_fill", "train_seconds"]
     metrics = [m for m in metrics if any(r.get(m) is not None for r in rows)]
     seeds = sorted({int(r["seed"]) for r in rows})
-    cfg = _run_config(runs)
     header = (f"compare_methods: {key} (dataset={spec.dataset}, task={spec.task}"
               + (f", train_eta={spec.train_eta} on {spec.train_eta_modality}" if spec.train_eta else "")
               + f") seeds {seeds}; mean ± std over seeds; percentages x100; fd_* Fréchet distances (lower closer); "
-              f"train_seconds = wall time of training on a shared 2-core CPU\nbudget: {cfg}\n")
+              f"train_seconds = wall time of training\n{_budget_line(key, args)}\n")
     fail_text = "".join(f"{m}: failed: {e}\n" for m, e in failures.items())
-    table = format_table(summarise(rows), metrics=metrics)
-    (out / f"compare_{key}{args.tag}_table.txt").write_text(header + table + "\n" + fail_text)
-    (out / f"compare_{key}{args.tag}_headline.md").write_text(headline_markdown(key, rows, failures, spec.task))
+    marks = {m: UNCONVERGED_MARK for m, _ in unconverged(rows)}
+    table = format_table(summarise(rows), metrics=metrics, marks=marks) + "\n" + format_budget_table(rows)
+    (out / f"compare_{key}{args.tag}_table.txt").write_text(
+        header + table + "\n" + fail_text + format_missing(missing) + "\n")
+    (out / f"compare_{key}{args.tag}_headline.md").write_text(
+        headline_markdown(key, rows, failures, spec.task, missing))
     if not spec.smil_setting:
-        from flowtransfer.plots import plot_missing_rate_curves
         import matplotlib.pyplot as plt
+
+        from flowtransfer.plots import plot_missing_rate_curves
 
         metric = HEADLINE[spec.task][0][0]
         # 12 methods: a 12-colour cycle (the default has 10) and the legend outside the axes
@@ -337,17 +647,8 @@ def report_key(key: str, args: argparse.Namespace) -> None:
             ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
         fig.savefig(out / f"compare_{key}{args.tag}_curves.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-    print(f"[{key}] report written ({len(rows)} rows, seeds {seeds}, failures {sorted(failures)})", flush=True)
-
-
-def _run_config(runs: Path) -> str:
-    """The training budget, read back from one method's config.json."""
-    for path in sorted(runs.glob("*/seed*/config.json")):
-        c = json.loads(path.read_text())
-        keep = ("preset", "epochs", "batch_size", "lr", "max_steps_per_epoch", "early_stop_patience",
-                "dataset_options", "train_eta", "train_eta_modality")
-        return ", ".join(f"{k}={c.get(k)}" for k in keep)
-    return "-"
+    print(f"[{key}] report written ({len(rows)} rows, seeds {seeds}, failures {sorted(failures)}); "
+          f"{format_missing(missing)}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,33 +656,68 @@ def _run_config(runs: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def _device(text: str) -> str:
+    if text not in ("auto", "cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device must be auto, cpu or cuda, got {text!r}")
+    return text
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "") else int(text)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--dataset-options must be a JSON object: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--dataset-options must be a JSON object, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", type=parse_keys, default=None,
                    help="comma-separated keys: synthetic, mosi, avmnist, avmnist_smil (= avmnist_smil_eta10,"
                         "avmnist_smil_eta20) (default: all; --quick: synthetic)")
-    p.add_argument("--methods", type=parse_methods, default=ALL_METHODS, help="comma-separated method names (default: all)")
+    p.add_argument("--methods", type=parse_methods, default=None,
+                   help="comma-separated method names (default: all; the report: every finished method)")
     p.add_argument("--smil-methods", type=parse_methods, default=SMIL_METHODS,
                    help="methods run in SMIL's setting (default: smil,zero_fill,modality_dropout,specialists,upper_bound)")
-    p.add_argument("--seeds", type=parse_seeds, default=(0, 1), help="a count (0..n-1) or a comma-separated list (default 2)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="a count (0..n-1) or a comma-separated list such as 0, or 0,3,4 (default: 5 seeds; "
+                        "the report: every finished seed)")
+    p.add_argument("--max-steps", type=_optional_int, default=2000,
+                   help="the one cap of optimiser steps for every method; a two-stage method shares it between "
+                        "its stages (default 2000; 'none' = no cap)")
+    p.add_argument("--epochs", type=int, default=200, help="safety limit on epochs per stage (default 200)")
+    p.add_argument("--patience", type=int, default=6, help="early stopping patience in epochs (default 6)")
+    p.add_argument("--lr-patience", type=int, default=2,
+                   help="epochs without improvement before the learning rate is halved (default 2)")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--preset", default="small", help="model preset for every method (small, mosi, mosei)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=4, help="early stopping patience (epochs)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--max-per-split", type=int, default=None, help="AV-MNIST: keep only the first k images per split")
+    p.add_argument("--dataset-options", type=_json_object, default=None,
+                   help='loader options for every dataset, as JSON (e.g. \'{"n_train": 64}\' for the synthetic data)')
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data-root", default=None, help="the shared data folder (default: flowtransfer's lookup)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
     p.add_argument("--tag", default="", help="suffix of the result file names (e.g. _long for another budget)")
-    p.add_argument("--skip-done", action="store_true", help="skip methods whose run folder has every seed")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the result files from --runs")
+    p.add_argument("--force", action="store_true", help="rerun the named cells even when finished")
+    p.add_argument("--skip-done", action="store_true", help=argparse.SUPPRESS)  # finished cells are always skipped
+    p.add_argument("--report-only", action="store_true", help="only rebuild the result files from the finished cells")
+    p.add_argument("--plan", action="store_true",
+                   help="print the unfinished cells and their estimated cost from measured steps per second; run nothing")
+    p.add_argument("--plan-steps", type=int, default=5, help="steps per stage timed by --plan (default 5)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny smoke test: synthetic data (96/48/64 samples), 1 seed, 1 epoch of 2 steps, "
-                        "MR 0.0/0.5 only; writes to runs/compare_quick")
-    p.add_argument("--progress", action="store_true", help="tqdm bars")
+                   help="tiny smoke test: synthetic data (96/48/64 samples), 1 seed, 2 epochs of 2 steps, a cap "
+                        "of 4 steps, MR 0.0/0.5 only; writes to runs/compare_quick")
+    p.add_argument("--progress", action="store_true", help="progress bars / lines")
     p.add_argument("--verbose", action="store_true", help="run_experiment's log lines")
     return p
 
@@ -393,7 +729,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.datasets = args.datasets or ["synthetic"]
-        args.seeds, args.epochs, args.max_steps_per_epoch = (0,), 1, 2
+        args.seeds = args.seeds or (0,)
+        args.epochs, args.max_steps_per_epoch, args.max_steps = 2, 2, 4
         args.runs = str(ROOT / "runs" / "compare_quick" / "runs")
         args.out = str(ROOT / "runs" / "compare_quick" / "results")
         if "avmnist" in " ".join(args.datasets) and not args.max_per_split:
@@ -401,20 +738,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in args.datasets:
             if not SPECS[k].smil_setting:
                 SPECS[k].rates = (0.0, 0.5)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda was asked for but this machine has no usable CUDA device; use cpu or auto",
+              file=sys.stderr)
+        return 2
     args.datasets = args.datasets or list(SPECS)
     if args.data_root is None:
         from flowtransfer.data.paths import shared_data_dir
 
         args.data_root = str(shared_data_dir())
     start = time.perf_counter()
-    for key in args.datasets:
-        if args.report_only:
+    if args.plan:
+        plan(args.datasets, args)
+    elif args.report_only:
+        for key in args.datasets:
             report_key(key, args)
-            continue
-        try:
-            run_key(key, args)
-        except FileNotFoundError as err:
-            print(f"[{key}] skipped: {err}", file=sys.stderr, flush=True)
+    else:
+        run_keys(args.datasets, args)
+        print(format_missing(missing_cells(args.datasets, args)), flush=True)
     print(f"total {time.perf_counter() - start:.0f} s; results in {args.out}", flush=True)
     return 0
 

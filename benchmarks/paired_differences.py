@@ -1,6 +1,19 @@
-"""Paired per-seed differences of DiCMoR ``paper`` against ``official`` and zero filling, from a
-``real_data.py`` results CSV, with 95% t confidence intervals, plus the recovery health columns
-(largest recovered / real ratio, non-finite recovered rows).
+"""Paired per-seed differences between methods with 95% t confidence intervals.
+
+Two methods trained with the same seed see the same initial randomness, training order and test
+masks, so their scores are paired by seed: the difference ``a - b`` per seed, its mean, and the
+Student-t interval ``mean ± t_{0.975, n-1} * sd / sqrt(n)`` over the ``n`` seeds both have. A
+difference is *distinguishable from zero* when that interval excludes 0. With one seed there is no
+interval (``half`` is NaN and nothing is distinguishable).
+
+Library (used by ``benchmarks/compare_methods.py``)::
+
+    from paired_differences import paired_difference, paired_by_seed
+    d = paired_difference([0.81, 0.79, 0.83], [0.75, 0.76, 0.78])   # d.mean, d.low, d.high, d.distinguishable
+    d = paired_by_seed(rows, "acc", "dicmor", "zero_fill", "mr=0.5")
+
+Command line: DiCMoR ``paper`` against ``official`` and zero filling from a results CSV, plus the
+recovery health columns (largest recovered / real ratio, non-finite recovered rows)::
 
     python benchmarks/paired_differences.py benchmarks/results/bounded_flows/mosi_preset_mosi_results.csv acc2_non0
     python benchmarks/paired_differences.py benchmarks/results/bounded_flows/avmnist_preset_mosi_results.csv acc
@@ -12,11 +25,111 @@ import argparse
 import csv
 import math
 import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from scipy import stats
 
+__all__ = ["PairedDifference", "paired_difference", "paired_by_seed", "SETTINGS", "METHODS"]
+
 SETTINGS = ("mr=0.0", "mr=0.3", "mr=0.5", "mr=0.7")
 METHODS = ("dicmor", "dicmor_official", "zero_fill", "upper_bound")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a - b`` paired by seed.
+
+    Attributes:
+        mean: mean of the per-seed differences.
+        sd: their sample standard deviation (NaN for one seed).
+        half: half-width of the ``confidence`` t interval (NaN for one seed).
+        low, high: the interval's ends.
+        n: number of seeds both methods have.
+        per_seed: the differences, in seed order.
+        seeds: those seeds (when known).
+        confidence: the interval's level.
+    """
+
+    mean: float
+    sd: float
+    half: float
+    n: int
+    per_seed: tuple[float, ...]
+    seeds: tuple[int, ...] = ()
+    confidence: float = 0.95
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
+    @property
+    def distinguishable(self) -> bool:
+        """True when the interval excludes 0 (never with one seed)."""
+        return math.isfinite(self.half) and abs(self.mean) > self.half
+
+    def format(self, scale: float = 1.0, digits: int = 1) -> str:
+        """``"+1.2 [-0.3, +2.7]"`` (``*`` appended when distinguishable from 0); one seed: ``"+1.2 (1 seed)"``."""
+        m = self.mean * scale
+        if not math.isfinite(self.half):
+            return f"{m:+.{digits}f} ({self.n} seed)"
+        text = f"{m:+.{digits}f} [{self.low * scale:+.{digits}f}, {self.high * scale:+.{digits}f}]"
+        return text + (" *" if self.distinguishable else "")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
+                      seeds: Sequence[int] = ()) -> PairedDifference:
+    """The paired difference ``a[i] - b[i]`` with its ``confidence`` Student-t interval.
+
+    Raises:
+        ValueError: different lengths, no pairs, a non-finite value, or ``confidence`` outside (0, 1).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pairs need equal lengths")
+    if not a:
+        raise ValueError("paired_difference: no pairs")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"paired_difference: confidence must lie in (0, 1), got {confidence}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    if not all(math.isfinite(v) for v in d):
+        raise ValueError(f"paired_difference: non-finite values in {d}")
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return PairedDifference(mean, math.nan, math.nan, 1, tuple(d), tuple(seeds), confidence)
+    sd = statistics.stdev(d)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+    return PairedDifference(mean, sd, half, len(d), tuple(d), tuple(seeds), confidence)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def paired_by_seed(rows: Sequence[Mapping[str, Any]], metric: str, method: str, other: str, setting: str,
+                   confidence: float = 0.95) -> PairedDifference | None:
+    """``method - other`` on ``metric`` at ``setting``, paired over the seeds both have a finite
+    value for; None when they share no seed."""
+    values: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r.get("setting") != setting or r.get("method") not in (method, other):
+            continue
+        v = _finite(r.get(metric))
+        if v is not None:
+            values[(str(r["method"]), int(r["seed"]))] = v
+    seeds = sorted({s for m, s in values if m == method} & {s for m, s in values if m == other})
+    if not seeds:
+        return None
+    return paired_difference([values[(method, s)] for s in seeds], [values[(other, s)] for s in seeds],
+                             confidence, seeds)
 
 
 def main() -> None:
@@ -24,7 +137,8 @@ def main() -> None:
     parser.add_argument("csv")
     parser.add_argument("metric")
     args = parser.parse_args()
-    rows = list(csv.DictReader(open(args.csv)))
+    with open(args.csv, newline="") as f:
+        rows = list(csv.DictReader(f))
     by = {(r["method"], r["setting"], int(r["seed"])): r for r in rows}
     seeds = sorted({int(r["seed"]) for r in rows})
     print(f"{args.csv}: {args.metric} (%), seeds {seeds}; mean ± std over seeds; differences paired by seed")
@@ -36,14 +150,11 @@ def main() -> None:
                 cells.append(f"{m} {statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}")
         print(f"{s}: " + " | ".join(cells))
         for other in ("dicmor_official", "zero_fill"):
-            d = [100 * (float(by[("dicmor", s, k)][args.metric]) - float(by[(other, s, k)][args.metric]))
-                 for k in seeds if ("dicmor", s, k) in by and (other, s, k) in by]
-            if len(d) > 1:
-                mean, sd = statistics.mean(d), statistics.stdev(d)
-                half = stats.t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
-                mark = "distinguishable from 0" if abs(mean) > half else "not distinguishable from 0"
-                print(f"    paper - {other}: {mean:+.1f} (95% CI {mean - half:+.1f} .. {mean + half:+.1f}; {mark}); "
-                      f"per seed {[round(x, 1) for x in d]}")
+            d = paired_by_seed(rows, args.metric, "dicmor", other, s)
+            if d is not None and d.n > 1:
+                mark = "distinguishable from 0" if d.distinguishable else "not distinguishable from 0"
+                print(f"    paper - {other}: {100 * d.mean:+.1f} (95% CI {100 * d.low:+.1f} .. {100 * d.high:+.1f}; "
+                      f"{mark}); per seed {[round(100 * x, 1) for x in d.per_seed]}")
     for m in ("dicmor", "dicmor_official"):
         ratios = [float(r["recovered_max_ratio"]) for r in rows if r["method"] == m and r.get("recovered_max_ratio")]
         bad = sum(float(r["recovered_nonfinite"]) for r in rows if r["method"] == m and r.get("recovered_nonfinite"))

@@ -478,15 +478,17 @@ def train_method(
     cfg: ExperimentConfig,
     seed: int,
     checkpoint_dir: Path,
+    on_epoch_end: Callable[[Any, dict[str, Any]], None] | None = None,
 ) -> tuple[Any, float]:
     """Build ``name`` seeded with ``seed`` and train it exactly as :func:`run_experiment` trains
-    that method for that seed (same validation mask); return ``(method, seconds)``."""
+    that method for that seed (same validation mask, same shared step cap); return
+    ``(method, seconds)``. ``on_epoch_end(trainer, record)`` is passed to every stage's trainer."""
     method = build_seeded(name, DatasetInfo.from_dataset(train), cfg, seed)
     valid_mask = None
     if name not in COMPLETE_DATA_METHODS and cfg.train_eta is None:
         valid_mask = _within(valid, random_missing_mask(len(valid), valid.modalities, cfg.valid_missing_rate,
                                                         seed=seed + VALID_MASK_SEED_OFFSET))
-    seconds, _ = _fit(method, train, valid, valid_mask, cfg, seed, checkpoint_dir)
+    seconds, _ = _fit(method, train, valid, valid_mask, cfg, seed, checkpoint_dir, on_epoch_end=on_epoch_end)
     return method, seconds
 
 

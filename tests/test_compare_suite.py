@@ -1,0 +1,128 @@
+"""The resumable comparison suite (benchmarks/compare_methods.py) on tiny synthetic cells: exactly
+the named cells, finished cells skipped, missing cells listed, tables rebuilt from partial results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"_suite_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+suite = _load("compare_methods")
+paired = _load("paired_differences")
+
+TINY = json.dumps({"n_train": 64, "n_valid": 32, "n_test": 32})
+
+
+def _argv(tmp: Path, methods: str, seeds: str, *extra: str) -> list[str]:
+    return ["--datasets", "synthetic", "--methods", methods, "--seeds", seeds, "--runs", str(tmp / "runs"),
+            "--out", str(tmp / "out"), "--dataset-options", TINY, "--max-steps-per-epoch", "2", "--epochs", "2",
+            "--max-steps", "4", "--batch-size", "32", "--preset", "small", "--device", "cpu", *extra]
+
+
+def test_seeds_keep_their_meaning() -> None:
+    assert suite.parse_seeds("5") == (0, 1, 2, 3, 4)
+    assert suite.parse_seeds("0,") == (0,) and suite.parse_seeds("0,3,4") == (0, 3, 4)
+    args = suite.build_parser().parse_args(["--seeds", "0,"])
+    assert args.seeds == (0,) and args.max_steps == 2000 and args.device == "auto"
+    assert suite.build_parser().parse_args(["--max-steps", "none"]).max_steps is None
+
+
+def test_paired_difference_interval() -> None:
+    from scipy import stats
+
+    d = paired.paired_difference([0.8, 0.9, 0.7], [0.55, 0.66, 0.44])
+    assert d.n == 3 and d.mean == pytest.approx(0.25)
+    sd = stats.tstd([0.25, 0.24, 0.26])
+    assert d.half == pytest.approx(stats.t.ppf(0.975, 2) * sd / 3 ** 0.5)
+    assert d.distinguishable and d.format(scale=100).endswith("*")
+    wide = paired.paired_difference([0.8, 0.9, 0.7], [0.5, 0.6, 0.6])  # t(2) = 4.30: the interval covers 0
+    assert wide.low < 0 < wide.high and not wide.distinguishable and not wide.format().endswith("*")
+    one = paired.paired_difference([0.5], [0.4])
+    assert one.n == 1 and not one.distinguishable and "1 seed" in one.format()
+    rows = [{"method": m, "setting": "mr=0.5", "seed": s, "acc": v}
+            for m, s, v in (("a", 0, 0.9), ("a", 1, 0.8), ("b", 0, 0.7), ("b", 2, 0.1))]
+    got = paired.paired_by_seed(rows, "acc", "a", "b", "mr=0.5")
+    assert got.seeds == (0,) and got.mean == pytest.approx(0.2)  # only the shared seed is paired
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired.paired_difference([1.0], [1.0, 2.0])
+
+
+@pytest.fixture(scope="module")
+def partial_suite(tmp_path_factory):
+    """One finished cell of the two seeds x two methods named below."""
+    tmp = tmp_path_factory.mktemp("suite")
+    assert suite.main(_argv(tmp, "zero_fill", "0,")) == 0
+    return tmp
+
+
+def test_a_cell_folder_holds_its_results_and_a_finished_marker(partial_suite) -> None:
+    cell = partial_suite / "runs" / "synthetic" / "zero_fill" / "seed0"
+    assert {"results.csv", "config.json", "DONE.json"} <= {p.name for p in cell.iterdir()}
+    done = json.loads((cell / "DONE.json").read_text())
+    assert done["cell"] == "synthetic/zero_fill/seed0" and done["settings"]["max_steps"] == 4
+    assert done["budget"]["steps"] == 4 and done["budget"]["stop_reason"] == "cap"
+    assert not (partial_suite / "runs" / "synthetic" / "zero_fill" / "seed1").exists()  # exactly the named cells
+
+
+def test_report_from_partial_results_lists_what_is_missing(partial_suite, capsys) -> None:
+    assert suite.main(_argv(partial_suite, "zero_fill,mean_fill", "0,1", "--report-only")) == 0
+    out = capsys.readouterr().out
+    assert "missing (3 cells): synthetic/mean_fill seeds 0,1; synthetic/zero_fill seed 1" in out
+    table = (partial_suite / "out" / "compare_synthetic_table.txt").read_text()
+    assert "seeds [0]" in table and "stopped on" in table and "missing (3 cells)" in table
+    assert "max_steps=4" in table
+    headline = (partial_suite / "out" / "compare_synthetic_headline.md").read_text()
+    assert "| steps |" in headline and "| stopped on |" in headline and "Paired differences" in headline
+
+
+def test_finished_cells_are_skipped_and_tables_rebuilt(partial_suite, capsys) -> None:
+    tmp = partial_suite
+    marker = tmp / "runs" / "synthetic" / "zero_fill" / "seed0" / "DONE.json"
+    before = marker.read_text()
+    capsys.readouterr()
+    assert suite.main(_argv(tmp, "zero_fill,mean_fill", "0,1")) == 0
+    out = capsys.readouterr().out
+    assert "4 cells requested, 1 finished, 3 to run" in out
+    assert "[synthetic/zero_fill/seed0] finished before: skipped" in out
+    assert marker.read_text() == before
+    assert "missing: none" in out
+    headline = (tmp / "out" / "compare_synthetic_headline.md").read_text()
+    assert "*against zero_fill*" in headline and "vs zero_fill" in headline
+    rows = suite.collect_rows("synthetic", suite.build_parser().parse_args(_argv(tmp, "zero_fill,mean_fill", "0,1")))
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("zero_fill", "mean_fill") for s in (0, 1)}
+    # a cell killed before its marker was written is unfinished: run again (resumed), same numbers
+    cell = tmp / "runs" / "synthetic" / "mean_fill" / "seed1"
+    first = (cell / "results.csv").read_text()
+    (cell / "DONE.json").unlink()
+    assert suite.main(_argv(tmp, "mean_fill", "1,")) == 0
+    assert (cell / "DONE.json").is_file()
+    strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]  # noqa: E731 - train_seconds last
+    assert strip((cell / "results.csv").read_text()) == strip(first)
+    # other settings: the finished cell is not silently mixed in or overwritten
+    capsys.readouterr()
+    assert suite.main([*_argv(tmp, "mean_fill", "1,"), "--max-steps", "6"]) == 0  # the last --max-steps wins
+    assert "finished under other settings" in capsys.readouterr().out
+
+
+def test_plan_measures_time_and_lists_cells(tmp_path, capsys) -> None:
+    assert suite.main(_argv(tmp_path, "zero_fill", "0,1", "--plan", "--plan-steps", "2")) == 0
+    out = capsys.readouterr().out
+    assert "zero_fill: single" in out and "steps/s" in out
+    assert "synthetic/zero_fill/seed0: <= 4 steps" in out and "synthetic/zero_fill/seed1" in out
+    assert not (tmp_path / "runs" / "synthetic" / "zero_fill" / "seed0" / "DONE.json").exists()  # ran nothing
