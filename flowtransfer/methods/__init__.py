@@ -14,7 +14,7 @@ from __future__ import annotations
 from .base import METHODS, DatasetInfo, Method, build_method, prior_labels, register_method, simulate_missing
 from .dicmor import DiCMoR, Recovery
 from .fusion_model import FusionModel
-from .presets import PRESETS, DiCMoRConfig, FusionConfig
+from .presets import DATASET_PRESETS, PRESETS, DiCMoRConfig, FusionConfig, preset_for_dataset
 
 __all__ = [
     "METHODS",
@@ -25,6 +25,8 @@ __all__ = [
     "FusionModel",
     "Method",
     "PRESETS",
+    "DATASET_PRESETS",
+    "preset_for_dataset",
     "Recovery",
     "build_method",
     "prior_labels",

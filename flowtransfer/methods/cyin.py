@@ -201,6 +201,8 @@ CYIN_PRESETS: dict[str, dict[str, Any]] = {
               "share_reverse": True, "beta": 32.0, "gamma": 5.0, "stage1_fraction": 0.3},
 }
 CYIN_PRESETS["small"] = dict(CYIN_PRESETS["mosi"])
+#: CyIN has no AV-MNIST configuration; the CPU preset takes MOSI's sizes like ``small``
+CYIN_PRESETS["avmnist"] = dict(CYIN_PRESETS["mosi"])
 
 
 class CyIN(Method):
