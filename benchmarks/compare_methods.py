@@ -84,7 +84,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # paired_differences b
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ALL_METHODS: tuple[str, ...] = (
-    "dicmor", "dicmor_official", "smil", "mmanet", "cyin", "zero_fill", "mean_fill",
+    "dicmor", "dicmor_official", "smil", "smil_official", "mmanet", "cyin", "zero_fill", "mean_fill",
     "modality_dropout", "ae_impute", "specialists", "upper_bound", "unimodal",
 )
 SMIL_METHODS: tuple[str, ...] = ("smil", "zero_fill", "modality_dropout", "specialists", "upper_bound")
