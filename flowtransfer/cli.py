@@ -54,6 +54,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _numbers(text: str, flag: str) -> tuple[float, ...]:
+    """Comma-separated numbers of an option read after parsing (an :class:`InputError` otherwise)."""
+    from flowtransfer.io import InputError
+
+    try:
+        return _floats(text)
+    except argparse.ArgumentTypeError as err:
+        raise InputError(f"{flag}: {err}") from None
+
+
 def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -80,16 +90,26 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "sy
     p.add_argument("--data", default=None, help="path of the real data (MMSA pickle, AV-MNIST sources, .npz)")
     p.add_argument("--task", choices=["regression", "classification"], default=None,
                    help="task, where the dataset offers both (MMSA, npz)")
+    p.add_argument("--fold", type=_int_at_least(0), default=None,
+                   help="MMSA: held-out fold k of a folder of fold<k>.pkl files (the MOSI heldout_cv folds)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="model size: small, mosi, mosei (default: small on synthetic, else mosi)")
+    p.add_argument("--preset", default=None,
+                   help="model size: small, avmnist, mosi, mosei (default: the dataset's: small on synthetic, "
+                        "avmnist on AV-MNIST, else mosi)")
     p.add_argument("--epochs", type=_int_at_least(1), default=5, help="epochs per training stage (default 5)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--patience", type=_int_at_least(1), default=4, help="early-stopping patience on validation (default 4)")
     p.add_argument("--max-steps-per-epoch", type=_int_at_least(1), default=None, help="cut epochs short (quick runs)")
+    p.add_argument("--max-steps", type=_int_at_least(2), default=None,
+                   help="one cap on optimiser steps for every method (a two-stage method shares it); default none")
+    p.add_argument("--lr-patience", type=_int_at_least(1), default=5,
+                   help="epochs without validation improvement before the learning rate is halved (default 5)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train and evaluate (default auto: CUDA when available, else CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted job with the same --out from its last complete checkpoints")
@@ -106,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", type=_csv, default=None,
                      help="comma-separated method names (default: dicmor,zero_fill,upper_bound)")
     run.add_argument("--seeds", type=_ints, default=(0, 1), help="comma-separated seeds (default 0,1)")
-    run.add_argument("--rates", type=_floats, default=None, help="missing rates (default 0.0,0.1,...,0.7)")
+    run.add_argument("--protocol", default="random",
+                     help="test-time missing protocol: random (default: per-sample MR and fixed patterns), steps "
+                          "(time steps missing inside each modality), per_modality (one rate per modality), "
+                          "cyin_instance, cyin_dataset")
+    run.add_argument("--rates", default=None,
+                     help="what the protocol sweeps, comma-separated (random: missing rates, default 0.0,...,0.7; "
+                          "steps: step rates; cyin_instance: probabilities); per_modality: specifications "
+                          "separated by ';' such as 'L0.1+A0.5+V0.3;L0.5+A0.1+V0.1'")
+    run.add_argument("--cyin-batch-size", type=_int_at_least(1), default=None,
+                     help="cyin_dataset: draw the rate exactly within random test batches of this size")
     run.add_argument("--no-patterns", action="store_true", help="skip the fixed-pattern settings")
     run.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
 
@@ -157,10 +186,13 @@ def _explicit_list(value: tuple[Any, ...] | None, flag: str) -> tuple[Any, ...] 
 def _experiment_config(args: argparse.Namespace, **fields: Any) -> Any:
     from flowtransfer.experiment import ExperimentConfig
 
+    if args.fold is not None:
+        fields["dataset_options"] = {**fields.get("dataset_options", {}), "fold": args.fold}
     return ExperimentConfig(
         dataset=args.dataset, data=args.data, task=args.task, preset=args.preset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         early_stop_patience=args.patience, max_steps_per_epoch=args.max_steps_per_epoch,
+        max_steps=args.max_steps, lr_plateau_patience=args.lr_patience, device=args.device,
         progress=not args.no_progress, resume=args.resume, **fields,
     )
 
@@ -201,12 +233,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flowtransfer.experiment import DEFAULT_METHODS, DEFAULT_RATES, run_experiment
 
     methods = _explicit_list(args.methods, "--methods")
-    rates = _explicit_list(args.rates, "--rates")
     seeds = _explicit_list(args.seeds, "--seeds")
-    cfg = _experiment_config(
-        args, methods=methods or DEFAULT_METHODS, seeds=seeds, rates=rates or DEFAULT_RATES,
-        patterns=not args.no_patterns, out=args.out,
-    )
+    protocol_fields: dict[str, Any] = {"protocol": args.protocol}
+    if args.protocol == "random":
+        rates = _explicit_list(_numbers(args.rates, "--rates"), "--rates") if args.rates is not None else None
+        protocol_fields["rates"] = rates or DEFAULT_RATES
+    elif args.rates is not None:
+        if args.protocol == "per_modality":
+            specs = tuple(part.strip() for part in args.rates.split(";") if part.strip())
+        else:
+            specs = _numbers(args.rates, "--rates")
+        protocol_fields["protocol_rates"] = _explicit_list(specs, "--rates")
+    if args.cyin_batch_size is not None:
+        protocol_fields["protocol_options"] = {"batch_size": args.cyin_batch_size}
+    cfg = _experiment_config(args, methods=methods or DEFAULT_METHODS, seeds=seeds,
+                             patterns=not args.no_patterns, out=args.out, **protocol_fields)
     run_experiment(cfg)  # validates everything before training
     return 0
 
@@ -225,7 +266,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if is_main_process():
         ensure_writable_file(out, "--out")
         clean_stale_temp_files(checkpoints, recursive=True)  # left by a killed training
-    splits = load_splits(args.dataset, args.data, args.task, required=("train", "valid"))
+    splits = load_splits(args.dataset, args.data, args.task, cfg.dataset_options, required=("train", "valid"))
     if is_main_process():
         _print_data_report(splits)
     method, seconds = train_method(args.method, splits["train"], splits["valid"], cfg, args.seed, checkpoints)
@@ -263,7 +304,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if data is None and dataset == extra.get("dataset"):
         data = extra.get("data")
     ExperimentConfig(dataset=dataset, data=data, task=task, seeds=(args.seed,), rates=rates).validate(train=False)
-    test = load_splits(dataset, data, task, required=("test",))["test"]
+    fold = {"fold": args.fold} if args.fold is not None else None
+    test = load_splits(dataset, data, task, fold, required=("test",))["test"]
     _print_data_report({"test": test})
     check_compatible(method.info, test, what=f"the model in {args.model}")
     masks = {s.name: s.mask(len(test), args.seed) for s in evaluation_settings(test.modalities, rates)}

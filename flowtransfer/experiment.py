@@ -66,9 +66,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowtransfer.data import MultimodalDataset, evaluation_settings, random_missing_mask, training_missing_mask
+from flowtransfer.data import MultimodalDataset, random_missing_mask, training_missing_mask
 from flowtransfer.data.dataset import SPLITS, check_splits, nonfinite_lines
-from flowtransfer.data.missing import MissingSetting, save_masks
+from flowtransfer.data.missing import PROTOCOLS, MissingSetting, Setting, protocol_settings, save_masks
+from flowtransfer.methods.base import check_supports_steps
 from flowtransfer.data.summary import DATASETS, load_dataset
 from flowtransfer.io import InputError, atomic_write_json, atomic_write_text, clean_stale_temp_files, ensure_writable_dir
 from flowtransfer.methods import PRESETS, DatasetInfo, build_method
@@ -136,9 +137,18 @@ class ExperimentConfig:
         methods: registered method names.
         seeds: one trained model per method and seed.
         rates: missing rates of the random per-sample protocol.
-        patterns: also evaluate every fixed pattern of available modalities.
-        preset: model size preset for DiCMoR and the fusion models (``small``, ``mosi``, ``mosei``);
-            ``None`` picks ``small`` for the synthetic data and ``mosi`` otherwise.
+        patterns: also evaluate every fixed pattern of available modalities (random protocol).
+        protocol: the test-time missing protocol, a key of
+            :data:`flowtransfer.data.missing.PROTOCOLS`: ``random`` (default: ``rates`` and
+            ``patterns``), ``steps`` (time steps missing inside each modality), ``per_modality``
+            (one rate per modality), ``cyin_instance``, ``cyin_dataset``.
+        protocol_rates: what a protocol other than ``random`` sweeps (step rates, probabilities,
+            per-modality specifications such as ``"L0.1+A0.5+V0.3"``); None = its defaults.
+        protocol_options: that protocol's options (``cyin_dataset``: ``batch_size``).
+        preset: model size preset for DiCMoR and the fusion models (``small``, ``avmnist``,
+            ``mosi``, ``mosei``); ``None`` picks the dataset's
+            (:func:`~flowtransfer.methods.preset_for_dataset`: ``small`` for the embedded data,
+            ``avmnist`` for AV-MNIST, ``mosi`` otherwise).
         epochs, batch_size, lr, weight_decay, early_stop_patience, grad_clip_norm: trainer settings.
             ``epochs`` limits each stage of a staged method (DiCMoR: ``complete`` then
             ``recovery``); ``max_steps`` is what makes budgets equal.
@@ -188,12 +198,27 @@ class ExperimentConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     train_eta: float | None = None
     train_eta_modality: str | None = None
+    protocol: str = "random"
+    protocol_rates: tuple[Any, ...] | None = None
+    protocol_options: dict[str, Any] = field(default_factory=dict)
     out: str = "runs/latest"
     progress: bool = True
     resume: bool = False
 
     def resolved_preset(self) -> str:
-        return self.preset or ("small" if self.dataset == "synthetic" else "mosi")
+        """``preset``, or the dataset's preset when None (:func:`~flowtransfer.methods.preset_for_dataset`)."""
+        from flowtransfer.methods import preset_for_dataset
+
+        return self.preset or preset_for_dataset(self.dataset)
+
+    def settings(self, modalities: Sequence[str]) -> list[Setting]:
+        """The evaluation settings of this run's protocol for ``modalities``, in sweep order.
+
+        Raises:
+            flowtransfer.io.InputError: an unknown protocol or option, or a bad rate."""
+        if self.protocol == "random":
+            return protocol_settings("random", modalities, self.rates, patterns=self.patterns)
+        return protocol_settings(self.protocol, modalities, self.protocol_rates, **self.protocol_options)
 
     def resolved_device(self) -> str:
         """``device`` with ``"auto"`` resolved: ``"cuda"`` when CUDA is available, else ``"cpu"``."""
@@ -266,6 +291,11 @@ class ExperimentConfig:
         ):
             raise InputError(f"max_steps must be an integer >= {len(STAGES)} (a staged method shares it between "
                              f"its {len(STAGES)} stages) or None, got {self.max_steps!r}")
+        if self.protocol not in PROTOCOLS:
+            raise InputError(f"unknown missing protocol {self.protocol!r}; known: {sorted(PROTOCOLS)}")
+        if self.protocol == "random" and (self.protocol_rates is not None or self.protocol_options):
+            raise InputError("protocol_rates/protocol_options are for protocols other than 'random' "
+                             "(the random protocol takes rates and patterns)")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -448,7 +478,8 @@ def data_report(splits: Mapping[str, MultimodalDataset]) -> dict[str, Any]:
     replaced with 0)."""
     return {
         split: {"n": len(ds), "missing_rate": ds.missing_rate(),
-                "nonfinite": {m: dict(r) for m, r in ds.nonfinite.items()}}
+                "nonfinite": {m: dict(r) for m, r in ds.nonfinite.items()},
+                "preprocessing": getattr(ds, "preprocessing", None) or {}}
         for split, ds in splits.items()
     }
 
@@ -505,19 +536,24 @@ def check_compatible(info: DatasetInfo, ds: MultimodalDataset, what: str = "the 
         raise InputError(f"{what} predicts {info.num_classes} classes; the data has {ds.num_classes}")
 
 
-def _setting_view(test: MultimodalDataset, mask: np.ndarray) -> tuple[MultimodalDataset | None, np.ndarray, int]:
-    """``test`` under a setting's ``mask`` intersected with the data's own mask.
+def _setting_view(test: MultimodalDataset, mask: np.ndarray, steps: Mapping[str, np.ndarray] | None = None
+                  ) -> tuple[MultimodalDataset | None, np.ndarray, int]:
+    """``test`` under a setting's ``mask`` intersected with the data's own mask, and its per-time-step
+    masks ``steps`` (``{m: (N, T_m)}``, False = removed) when the setting removes time steps.
 
     Returns ``(dataset, effective mask, left out)``: samples left with no modality are left out
     (``dataset`` is None when that is every sample)."""
     eff = np.asarray(mask, dtype=bool) & test.mask
     keep = eff.any(axis=1)
-    if keep.all():
-        return test.with_mask(eff), eff, 0
     if not keep.any():
         return None, eff[keep], len(test)
-    rows = np.flatnonzero(keep)
-    return test.subset(rows).with_mask(eff[keep]), eff[keep], int((~keep).sum())
+    if keep.all():
+        view, left_out = test.with_mask(eff), 0
+    else:
+        view, left_out = test.subset(np.flatnonzero(keep)).with_mask(eff[keep]), int((~keep).sum())
+    if steps is not None:
+        view = view.with_step_mask(steps if keep.all() else {m: a[keep] for m, a in steps.items()})
+    return view, np.asarray(view.mask, dtype=bool), left_out
 
 
 def evaluate_method(
@@ -531,11 +567,15 @@ def evaluate_method(
     progress: bool = False,
     log: Callable[[str], None] = print,
     budget: Mapping[str, Any] | None = None,
+    steps: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    realised: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One result row per setting: task metrics of ``method`` on ``test`` under each mask, and
     recovery distances where something is missing (``setting name -> (N, M) mask``). ``budget``
     (:func:`combine_budgets`: ``steps``, ``best_step``, ``stop_reason``, ``improving_at_stop``)
-    is copied into every row.
+    is copied into every row. ``steps`` holds the per-time-step masks of the settings that remove
+    time steps (``setting -> {m: (N, T_m)}``); ``realised`` extra per-setting columns (the realised
+    per-modality and step rates that the protocol's ``describe`` reports).
 
     Test data that lacks modalities itself is handled: see :func:`_setting_view`; the recovery
     distances use the samples that have every modality (real features are needed where the
@@ -545,7 +585,7 @@ def evaluate_method(
     # a bar on a terminal only (disable=None): log files get the run's progress lines instead
     for setting, mask in tqdm(list(masks.items()), desc=f"evaluate {name}", disable=None if progress else True,
                               leave=False):
-        view, eff, left_out = _setting_view(test, mask)
+        view, eff, left_out = _setting_view(test, mask, (steps or {}).get(setting))
         if view is None:
             log(f"[seed {seed}] {name}: setting {setting} leaves no test sample with a modality; skipped")
             continue
@@ -555,6 +595,7 @@ def evaluate_method(
         elif len(complete_rows):
             metrics.update(recovery_distances(method, test.subset(complete_rows), np.asarray(mask, bool)[complete_rows]))
         extra: dict[str, Any] = {"samples_without_input": left_out} if left_out else {}
+        extra.update((realised or {}).get(setting, {}))
         extra.update(budget or {})
         rows.append(result_row(name, dataset, setting, seed, metrics, realised_missing_rate=float(1.0 - eff.mean()),
                                train_seconds=train_seconds, **extra))
@@ -686,10 +727,15 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         valid = valid.with_mask(_within(valid, training_missing_mask(len(valid), modalities, cfg.train_eta, scarce, seed=1)))
         log(f"training setting: only {cfg.train_eta:.0%} of training and validation samples have {scarce}")
     info = DatasetInfo.from_dataset(train)
-    settings: list[MissingSetting] = evaluation_settings(modalities, cfg.rates, patterns=cfg.patterns)
+    settings = cfg.settings(modalities)
+    if any(type(s).step_masks is not Setting.step_masks for s in settings):
+        for name in cfg.methods:  # refuse, before any training, a method that cannot respect step masks
+            check_supports_steps(build_seeded(name, info, cfg, cfg.seeds[0]), name)
     log(f"dataset {cfg.dataset}: train/valid/test {len(train)}/{len(valid)}/{len(test)}, "
         f"modalities {dict(train.input_dims)}, lengths {dict(train.seq_lens)}, task {train.task}")
-    log(f"methods {list(cfg.methods)}, seeds {list(cfg.seeds)}, {len(settings)} settings, preset {cfg.resolved_preset()}")
+    chosen = "" if cfg.preset else " (the dataset's default; --preset to change)"
+    log(f"methods {list(cfg.methods)}, seeds {list(cfg.seeds)}, protocol {cfg.protocol} ({len(settings)} settings), "
+        f"preset {cfg.resolved_preset()}{chosen}, device {cfg.resolved_device()}")
 
     world = current_context().world_size
     n_stages = {name: len(_declared_stages(name)) for name in cfg.methods}
@@ -735,7 +781,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
 
 def _train_and_evaluate(
     cfg: ExperimentConfig, train: MultimodalDataset, valid: MultimodalDataset, test: MultimodalDataset,
-    info: DatasetInfo, settings: Sequence[MissingSetting], out: Path, main_process: bool, progress: _RunProgress,
+    info: DatasetInfo, settings: Sequence[Setting], out: Path, main_process: bool, progress: _RunProgress,
     n_stages: Mapping[str, int], first_trained: dict[str, Any], log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """The (seed, method) loop of :func:`run_experiment`: train, evaluate, write rows after each."""
@@ -744,8 +790,15 @@ def _train_and_evaluate(
     rows: list[dict[str, Any]] = []
     for seed in cfg.seeds:
         masks = {s.name: s.mask(len(test), seed) for s in settings}
+        steps = {}
+        for s in settings:  # step masks are drawn on the test view of the setting's modality mask
+            view, _, _ = _setting_view(test, masks[s.name])
+            drawn = s.step_masks(view, seed) if view is not None and len(view) == len(test) else None
+            if drawn is not None:
+                steps[s.name] = drawn
+        realised = {s.name: _realised_columns(s, masks[s.name] & test.mask, steps.get(s.name), test) for s in settings}
         if main_process:
-            save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities)
+            save_masks(out / "masks" / f"seed{seed}.npz", masks, modalities, step_masks=steps or None)
         valid_mask: np.ndarray | None = _within(valid, random_missing_mask(
             len(valid), modalities, cfg.valid_missing_rate, seed=seed + VALID_MASK_SEED_OFFSET))
         if cfg.train_eta is not None:
@@ -785,7 +838,7 @@ def _train_and_evaluate(
                 first_trained[name] = method
             evals = {"complete": np.ones((len(test), len(modalities)), dtype=bool)} if name in BOUND_METHODS else masks
             rows += evaluate_method(method, name, cfg.dataset, test, evals, seed, train_seconds=seconds,
-                                    progress=cfg.progress, log=log, budget=budget)
+                                    progress=cfg.progress, log=log, budget=budget, steps=steps, realised=realised)
             if main_process:
                 write_results(rows, out)
             if seconds:
@@ -793,6 +846,24 @@ def _train_and_evaluate(
                 log(f"[seed {seed}] {name}: trained in {seconds:.0f} s, {budget['steps']} steps "
                     f"(best at {budget['best_step']}), stopped on {budget['stop_reason']}{improving}")
     return rows
+
+
+def _realised_columns(setting: Setting, mask: np.ndarray, steps: Mapping[str, np.ndarray] | None,
+                      test: MultimodalDataset) -> dict[str, Any]:
+    """The per-modality (and, for step settings, per-time-step) realised rates a protocol reports,
+    as row columns: ``realised_rate_<m>``, ``realised_step_rate`` and ``realised_step_rate_<m>``."""
+    if isinstance(setting, MissingSetting):  # the random protocol: realised_missing_rate says it all
+        return {}
+    desc = setting.describe(mask, steps, test if steps is not None else None)
+    step_setting = desc.get("protocol") == "steps"
+    out: dict[str, Any] = {}
+    for key, value in desc.items():
+        if not key.startswith("realised_rate") and not key.startswith("absent_after_"):
+            continue
+        if step_setting and key.startswith("realised_rate"):
+            key = key.replace("realised_rate", "realised_step_rate", 1)
+        out[key] = value
+    return out
 
 
 def _declared_stages(name: str) -> list[str | None]:

@@ -306,7 +306,9 @@ def _masks_by_seed(out: Path, seeds: Sequence[int]) -> dict[int, dict[str, np.nd
     for seed in seeds:
         path = out / "masks" / f"seed{seed}.npz"
         if path.exists():
-            found[int(seed)] = load_masks(path)[0]
+            masks, _, steps = load_masks(path, steps=True)
+            # settings that remove time steps have no modality-level reference: left out
+            found[int(seed)] = {name: mask for name, mask in masks.items() if name not in steps}
     return found
 
 
