@@ -239,3 +239,24 @@ def test_warmup_epochs_are_never_selected():
     assert [("veto" in h) for h in res.history] == [True, True, False, False]
     assert res.best_epoch >= 2 and "train/loss/mad" in res.history[res.best_epoch]
     assert m.hparams["config"]["warmup_fraction"] == 0.5 and m.hparams["config"]["warmup_epochs"] is None
+
+
+def test_the_trainer_exempts_the_warmup_from_patience_so_short_patience_is_accepted():
+    train, valid = lav(32), lav(16, seed=1)
+    info = DatasetInfo.from_dataset(train)
+    # a trainer that does not say it exempts the warm-up: patience 2 <= warm-up 3 is refused
+    with pytest.raises(ValueError, match="could stop before it distils"):
+        MMANet(info, warmup_fraction=0.5, **TINY).on_epoch_start(0, _budget(6, patience=2))
+    # flowtransfer's Trainer says so (exempts_warmup, set before the planning hook runs)
+    m = build_method("mmanet", info, warmup_fraction=0.5, **TINY)
+    trainer = Trainer(m, TrainConfig(epochs=6, batch_size=16, lr=1e-2, progress=False, monitor="acc",
+                                     early_stop_patience=2, lr_plateau_patience=0))
+    assert trainer.exempts_warmup
+    res = trainer.fit(train, valid)
+    assert m.warmup_epochs == 3
+    h = res.history
+    assert [bool(r.get("patience_exempt")) for r in h[:3]] == [True, True, True]
+    assert all("veto" not in r for r in h[3:]) and len(h) >= 4  # the warm-up did not stop the run
+    assert res.best_epoch >= 3 and "train/loss/mad" in h[res.best_epoch]
+    # the learning-rate schedule never saw a warm-up score (patience 0 would cut at every stall)
+    assert len({r["lr"] for r in h[:4]}) == 1

@@ -317,3 +317,67 @@ def test_single_modality_models_follow_the_backbone_fusion():
         rows = b.mask[:, 1]
         assert not torch.allclose(temporal.predict(flipped)[rows], out[rows])
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------ issue 11 wiring
+
+
+def test_specialists_are_selected_before_the_trainer_validates_and_each_keeps_its_best_epoch():
+    from flowtransfer.training import evaluate
+
+    train, valid = tiny_dataset(32), tiny_dataset(21, seed=1)
+    codes = torch.arange(21) % 7 + 1  # every pattern among the validation samples
+    valid = valid.with_mask(((codes[:, None] & (2 ** torch.arange(3))) > 0).numpy())
+    m = build_method("specialists", DatasetInfo.from_dataset(train), **TINY)
+    scores: list[dict] = []
+    score_fn = m.pattern_scores
+    m.pattern_scores = lambda ds, models=None: scores.append(score_fn(ds, models)) or scores[-1]
+    seen: list[tuple[float, float]] = []
+
+    def check(trainer, record):  # the state scored is the state after the epoch's selection
+        seen.append((record["valid/mae"], evaluate(trainer.method, valid, 64, "cpu")["mae"]))
+
+    result = Trainer(m, TrainConfig(epochs=5, batch_size=16, lr=2e-2, progress=False, monitor="mae",
+                                    early_stop_patience=None), on_epoch_end=check).fit(train, valid)
+    assert len(scores) == 5  # one selection pass per epoch (after_train_epoch; the veto hook did not repeat it)
+    assert all(a == pytest.approx(b, rel=1e-6) for a, b in seen)
+    # each specialist holds the first epoch of its best score on its own pattern, whatever the
+    # trainer's best epoch
+    for i, p in enumerate(m.patterns):
+        history = [s[p] for s in scores]
+        assert int(m.selection_epoch[i]) == int(np.argmin(history)), p
+        assert float(m.selection_score[i]) == pytest.approx(min(history))
+    assert result.best_epoch <= int(m.selection_epoch.max())
+
+
+@pytest.mark.parametrize("name", ["unimodal", "specialists"])
+def test_outputs_do_not_depend_on_values_at_removed_steps(name):
+    from flowtransfer.data.missing import step_missing_masks
+    from flowtransfer.methods.base import check_supports_steps
+
+    a, b = tiny_dataset(24, seed=0), tiny_dataset(24, seed=0)
+    steps = step_missing_masks(a, 0.5, seed=1)
+    rng = np.random.default_rng(3)
+    for mod in a.modalities:  # b differs from a exactly at the removed steps
+        removed = np.broadcast_to(~steps[mod][:, None, :], b.features[mod].shape)
+        b.features[mod][removed] = rng.normal(size=int(removed.sum())) * 100
+    extra = {"modality": "A"} if name == "unimodal" else {}
+    m = build_method(name, DatasetInfo.from_dataset(a), **TINY, **extra)
+    check_supports_steps(m, name)
+    if hasattr(m, "prepare"):
+        m.prepare(a.with_step_mask(steps))
+    ba, bb = a.with_step_mask(steps).full_batch(), b.with_step_mask(steps).full_batch()
+    assert torch.isnan(ba.features["A"]).any()  # removed steps hold NaN
+    sub = restrict_batch(ba, ("A", "V"), ba.mask[:, 1])
+    assert set(sub.step_mask) == {"A", "V"} and torch.equal(sub.step_mask["A"], ba.step_mask["A"][ba.mask[:, 1]])
+    m.eval()
+    with torch.no_grad():
+        pa, pb, full = m.predict(ba), m.predict(bb), m.predict(b.full_batch())
+    assert torch.isfinite(pa).all() and torch.equal(pa, pb)
+    assert not torch.allclose(pb, full)  # the removed values would have changed the output
+    m.train()
+    loss_a, _ = m.loss(ba)
+    assert torch.isfinite(loss_a)
+    if name == "specialists":
+        scores = m.pattern_scores(a.with_step_mask(steps))
+        assert scores == m.pattern_scores(b.with_step_mask(steps)) and all(np.isfinite(list(scores.values())))

@@ -612,3 +612,137 @@ def test_planned_epochs_follow_the_cap():
 
     Trainer(Hooked(), TrainConfig(epochs=9, batch_size=16, max_steps=10, **QUIET)).fit(make_data(64, 0), make_data(8, 1))
     assert seen == [3, 3, 3]  # 4 steps per epoch: ceil(10 / 4)
+
+
+# ------------------------------------------------------------------------------------------ method hooks (issue 11)
+
+
+class Hooked(Scripted):
+    """Records the order of the hooks; ``after_train_epoch`` sets what validation then scores:
+    the validation MAE of epoch e is ``script[e] + shift`` with ``shift`` set after training."""
+
+    def __init__(self, script, vetoes=()):
+        super().__init__(script)
+        self.vetoes = set(vetoes)
+        self.calls: list[str] = []
+        self.register_buffer("shift", torch.tensor(0.0))
+        self.seen_at_end: dict | None = None
+
+    def _log(self, name):
+        if not self.calls or self.calls[-1] != name:
+            self.calls.append(name)
+
+    def on_epoch_start(self, epoch, trainer):
+        super().on_epoch_start(epoch, trainer)
+        self._log(f"start{epoch}")
+
+    def loss(self, batch):
+        self._log("loss")
+        return super().loss(batch)
+
+    def after_train_epoch(self, epoch, trainer):
+        assert trainer.valid_dataset is not None
+        self._log(f"after{epoch}")
+        self.shift.fill_(100.0 * (epoch + 1))
+
+    def predict(self, batch):
+        out = super().predict(batch)
+        if not self.training:
+            self._log("validate")
+            out = out + self.shift
+        return out
+
+    def selection_veto(self, dataset):
+        self._log("veto")
+        epoch = int(self.epoch_seen)
+        return f"epoch {epoch} is in the warm-up" if epoch in self.vetoes else None
+
+    def on_fit_end(self, trainer):
+        self._log("end")
+        self.seen_at_end = {"now": params_of(self), "last": dict(trainer.last_state)}
+
+
+def test_method_hooks_run_in_order_and_after_train_epoch_precedes_validation():
+    method = Hooked([0.5, 1.0, 1.0])
+    trainer = Trainer(method, TrainConfig(epochs=3, batch_size=16, monitor="mae", early_stop_patience=None,
+                                          lr_plateau_patience=None, **QUIET))
+    result = trainer.fit(make_data(32, 0), zero_label_valid())
+    per_epoch = lambda e: [f"start{e}", "loss", f"after{e}", "validate", "veto"]  # noqa: E731
+    assert method.calls == per_epoch(0) + per_epoch(1) + per_epoch(2) + ["end"]
+    # validation scored what after_train_epoch set: 100 (epoch+1) + script
+    assert [r["valid/mae"] for r in result.history] == pytest.approx([100.5, 201.0, 301.0])
+    # on_fit_end ran with the best epoch's state loaded and the last epoch's in trainer.last_state
+    assert result.best_epoch == 0
+    assert float(method.seen_at_end["now"]["shift"]) == 100.0 and float(method.seen_at_end["last"]["shift"]) == 300.0
+    assert trainer.last_state is None  # dropped after the hook
+    assert not torch.equal(method.seen_at_end["now"]["proj.A.weight"], method.seen_at_end["last"]["proj.A.weight"])
+
+
+def test_vetoed_warmup_epochs_use_no_patience_and_no_schedule_step():
+    # epochs 0-2 vetoed (a warm-up) with excellent scores; epoch 5 vetoed after a best: counts as bad
+    script = [0.1, 0.1, 0.1, 1.0, 0.8, 0.01, 0.9, 0.7, 0.6, 0.5]
+    seed_everything(0)
+    method = Hooked(script, vetoes={0, 1, 2, 5})
+    method.after_train_epoch = lambda epoch, trainer: None  # shift stays 0: the score is the script
+    trainer = Trainer(method, TrainConfig(epochs=10, batch_size=16, lr=0.1, monitor="mae", early_stop_patience=2,
+                                          lr_plateau_patience=0, **QUIET))
+    assert trainer.exempts_warmup is True
+    result = trainer.fit(make_data(32, 0), zero_label_valid())
+    h = result.history
+    # patience 2 <= warm-up 3, yet the warm-up did not stop the run; the plateau did after epoch 6
+    assert result.epochs_run == 7 and result.stopped_early and result.stop_reason == "plateau"
+    assert result.best_epoch == 4 and result.best_score == pytest.approx(0.8)
+    assert [r.get("patience_exempt", False) for r in h] == [True, True, True, False, False, False, False]
+    assert "veto" in h[5] and not h[5]["improved"]
+    # the schedule never saw the warm-up; the vetoed epoch 5 counted as bad (its 0.01 not trusted)
+    assert [r["lr"] for r in h] == pytest.approx([0.1] * 6 + [0.05])
+    assert not result.improving_at_stop
+
+
+def test_vetoed_warmup_and_the_cap_say_improving():
+    seed_everything(0)
+    method = Hooked([0.1, 0.1, 1.0, 0.9], vetoes={0, 1})
+    method.after_train_epoch = lambda epoch, trainer: None
+    # 32 samples, batch 16: 2 steps an epoch; the cap of 8 ends epoch 3
+    result = Trainer(method, TrainConfig(epochs=10, batch_size=16, monitor="mae", early_stop_patience=1, max_steps=8,
+                                         **QUIET)).fit(make_data(32, 0), zero_label_valid())
+    assert (result.stop_reason, result.improving_at_stop, result.best_epoch, result.best_step) == ("cap", True, 3, 8)
+    # vetoed to the end: an error naming the vetoes, never a silent result
+    method = Hooked([0.1] * 3, vetoes={0, 1, 2})
+    with pytest.raises(RuntimeError, match="vetoed every one"):
+        Trainer(method, TrainConfig(epochs=3, batch_size=16, monitor="mae", early_stop_patience=1,
+                                    **QUIET)).fit(make_data(32, 0), zero_label_valid())
+
+
+def _specialists_run(folder, epochs, resume, init_seed=3):
+    from flowtransfer.methods.base import DatasetInfo, build_method
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((48, 2)) < 0.7
+    mask[~mask.any(1), 0] = True
+    train = make_data(48, 0, mask=mask)
+    vmask = np.array([[True, True], [True, False], [False, True]] * 8)
+    valid = make_data(24, 1, mask=vmask)
+    torch.manual_seed(init_seed)
+    method = build_method("specialists", DatasetInfo.from_dataset(train), preset="small", fusion="concat", d=8)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.02, monitor="mae", early_stop_patience=None,
+                      lr_plateau_patience=1, seed=5, checkpoint_dir=str(folder), resume=resume, **QUIET)
+    return method, Trainer(method, cfg).fit(train, valid)
+
+
+def test_resume_with_specialists_matches_uninterrupted_run(tmp_path):
+    straight, a = _specialists_run(tmp_path / "straight", 6, False)
+    # the selection is checkpointed: selected copies and per-pattern scores/epochs
+    saved = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    assert {"selection_score", "selection_epoch"} <= set(saved) and any(k.startswith("selected.") for k in saved)
+    # a specialist selected after the trainer's best epoch: on_fit_end must keep it
+    assert int(straight.selection_epoch.max()) > a.best_epoch
+    _specialists_run(tmp_path / "split", 3, False)
+    resumed, b = _specialists_run(tmp_path / "split", 6, True, init_seed=99)
+    assert_same(params_of(straight), params_of(resumed))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history) and a.best_epoch == b.best_epoch
+    # resuming the finished run trains nothing and still ends on the latest selection
+    again, c = _specialists_run(tmp_path / "split", 6, True, init_seed=7)
+    assert c.epochs_run == 6 and len(c.history) == 6
+    assert_same(params_of(straight), params_of(again))

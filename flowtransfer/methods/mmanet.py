@@ -13,9 +13,11 @@ r"""MMANet: margin-aware distillation and modality-aware regularisation (Wei, Lu
 * **A run that never distils is an error, not a row**: the method vetoes the selection of every
   warm-up epoch (:meth:`MMANet.selection_veto`; the student then is a modality-dropout model, not
   MMANet), so the trainer selects among distilling epochs only and, if training ends before any,
-  stops with an error naming the vetoes. A vetoed epoch counts towards early stopping's patience in
-  the trainer, hence the refusal of ``early_stop_patience <= warm-up epochs`` (unless the trainer
-  says it exempts warm-up epochs: ``trainer.exempts_warmup``).
+  stops with an error naming the vetoes. :class:`~flowtransfer.training.Trainer` counts the vetoed
+  warm-up epochs against neither early stopping's patience nor the learning-rate schedule's (they
+  come before any selectable epoch) and says so with ``trainer.exempts_warmup = True``, which
+  :meth:`MMANet.plan` reads at epoch 0; with a trainer that does not say so (vetoed epochs may count
+  as epochs without improvement), ``early_stop_patience <= warm-up epochs`` is refused.
 * **Deployment network** (the student, the only part used by :meth:`MMANet.predict`): the same
   architecture, trained on every modality combination: each training sample gets its own pattern
   drawn uniformly among the :math:`2^M - 1` non-empty subsets (intersected with what its data has);
@@ -310,8 +312,9 @@ class MMANet(Method):
         Raises:
             ValueError: the budget leaves no distillation epoch (warm-up >= ``total_epochs``), or
                 early stopping with ``early_stop_patience <= warm-up`` could stop the run before it
-                distils (vetoed warm-up epochs count as epochs without improvement), unless
-                ``exempts_warmup``.
+                distils (a trainer may count vetoed warm-up epochs as epochs without improvement),
+                unless ``exempts_warmup`` (the trainer exempts them, as
+                :class:`~flowtransfer.training.Trainer` does).
         """
         total = int(total_epochs)
         if total < 1:
@@ -363,7 +366,9 @@ class MMANet(Method):
 
     def on_epoch_start(self, epoch: int, trainer: Any = None) -> None:
         """Trainer hook: at epoch 0 (or a first call after a resume) :meth:`plan` from the trainer's
-        budget (:func:`~flowtransfer.methods.simple.planned_epochs`), then :meth:`set_epoch`."""
+        budget (:func:`~flowtransfer.methods.simple.planned_epochs`), its ``early_stop_patience`` and
+        ``exempts_warmup`` (False when the trainer has no such attribute), then :meth:`set_epoch`.
+        The trainer sets ``exempts_warmup`` at construction, before this first call."""
         if trainer is not None and (epoch == 0 or not self.planned):
             cfg = getattr(trainer, "config", None)
             self.plan(planned_epochs(trainer), getattr(cfg, "early_stop_patience", None),

@@ -94,6 +94,9 @@ __all__ = [
 def restrict_batch(batch: Batch, names: Sequence[str], rows: Tensor | None = None) -> Batch:
     """The batch with only modalities ``names`` (mask columns in that order), optionally only ``rows``.
 
+    Per-modality entries (``lengths``, ``step_mask``) are restricted the same way, so a sub-model
+    still sees which time steps were removed.
+
     Args:
         batch: the batch.
         names: modalities to keep, each one of ``batch.modalities``.
@@ -120,6 +123,9 @@ def restrict_batch(batch: Batch, names: Sequence[str], rows: Tensor | None = Non
         },
         index=batch.index if rows is None else take(batch.index),
         classes=batch.classes if rows is None else take(batch.classes),
+        step_mask=None if batch.step_mask is None else {
+            n: (v if rows is None else v[rows]) for n, v in batch.step_mask.items() if n in names
+        },
     )
 
 
@@ -293,9 +299,15 @@ class Unimodal(Method):
     otherwise accumulated over the training batches :meth:`loss` sees in training mode.
     Prediction where the modality is absent: :math:`\bar y` (regression) or
     :math:`\log\frac{n_k + 1}{N + K}` (classification logits).
+
+    Removed time steps (``batch.step_mask``) reach the backbone with the batch
+    (:func:`restrict_batch`), which fills them like a fusion model fills them
+    (``supports_step_missing``).
     """
 
     name = "unimodal"
+    #: the backbone (a FusionModel) fills removed time steps; restrict_batch passes the step mask on
+    supports_step_missing = True
 
     def __init__(self, info: Any, config: Any = None, *, preset: str | None = None,
                  modality: str | None = None, **overrides: Any) -> None:
@@ -410,9 +422,14 @@ class Specialists(Method):
       the selection when ``after_train_epoch`` did not run this epoch; never vetoes;
     * ``on_fit_end(trainer)``: after the trainer loads its best epoch's state, put back the latest
       selection (the trainer's best epoch is chosen by one score; a specialist may have improved
-      later). Without this hook, the selection held at the end is the one at the trainer's best
-      epoch: each specialist selected on its own pattern among the epochs up to that one.
-      :meth:`use_latest_selection` does the same by hand.
+      later), read from ``trainer.last_state`` (the state at the end of training, also after a
+      resume of a finished run) or else the newest selection made in this process. Without this
+      hook, the selection held at the end is the one at the trainer's best epoch: each specialist
+      selected on its own pattern among the epochs up to that one. :meth:`use_latest_selection`
+      does the same by hand.
+
+    The selection (``selected.*``, ``selection_score``, ``selection_epoch``) is part of the state
+    dict, hence of the trainer's checkpoints: a resumed run selects exactly as an uninterrupted one.
 
     Args:
         info: dataset description.
@@ -424,6 +441,9 @@ class Specialists(Method):
     """
 
     name = "specialists"
+    #: every specialist is a FusionModel that fills removed time steps; restrict_batch passes the
+    #: step mask on (training, selection and prediction alike)
+    supports_step_missing = True
 
     def __init__(self, info: Any, config: Any = None, *, preset: str | None = None,
                  select_metric: str | None = None, select_batch_size: int = 256, **overrides: Any) -> None:
@@ -607,9 +627,21 @@ class Specialists(Method):
             self.update_selection(dataset, self._epoch)
         return None
 
+    @torch.no_grad()
     def on_fit_end(self, trainer: Any = None) -> None:
-        """Trainer hook (after it loaded its best epoch): :meth:`use_latest_selection`."""
-        self.use_latest_selection()
+        """Trainer hook (after it loaded its best epoch): put back the selection of the end of
+        training, from ``trainer.last_state`` when the trainer provides it, else
+        :meth:`use_latest_selection`."""
+        last = getattr(trainer, "last_state", None)
+        if last is None:
+            self.use_latest_selection()
+            return
+        keys = list(self._selection_state())
+        missing = [k for k in keys if k not in last]
+        if missing:
+            raise KeyError(f"trainer.last_state lacks the selection entries {missing[:3]} (not a Specialists state?)")
+        self.load_state_dict({k: last[k] for k in keys}, strict=False)
+        self._latest = {k: v.detach().clone() for k, v in self._selection_state().items()}
 
     # ------------------------------------------------------------------ interface
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:

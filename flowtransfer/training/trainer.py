@@ -7,11 +7,14 @@ A method is an ``nn.Module`` with ``loss(batch) -> (scalar Tensor, dict[str, flo
     for batch in shuffled(train):                    # seeded per epoch; sharded under DDP
         loss, parts = method.loss(batch)             # through DDP's forward when world_size > 1
         loss.backward(); clip; optimizer.step()
+    method.after_train_epoch(epoch, trainer)         # optional hook
     score = validation[config.monitor]               # validation data only
+    veto = method.selection_veto(valid)              # optional hook
     scheduler.step(score)                            # ReduceLROnPlateau
     keep the best weights; count epochs without improvement; checkpoint
 
-and, when training ends, loads the best epoch's weights back into the method.
+and, when training ends, loads the best epoch's weights back into the method, then calls
+``method.on_fit_end(trainer)`` (optional hook).
 
 **The budget rule.** Training ends on whichever comes first: the validation plateau (early
 stopping after ``early_stop_patience`` epochs without improvement; the learning rate is reduced on
@@ -28,6 +31,24 @@ Optional method hooks (called only if the method defines them):
 - ``on_epoch_start(epoch: int, trainer: Trainer) -> None``: before each epoch (0-based), e.g. to
   change a loss weight or a curriculum (``trainer.history`` holds the past epochs). State that must survive a resume belongs in buffers or
   parameters (they are checkpointed).
+- ``after_train_epoch(epoch: int, trainer: Trainer) -> None``: after the epoch's training steps and
+  before its validation pass (``trainer.valid_dataset`` is the validation set), e.g. to select
+  sub-models on validation data so that the trainer's score is that of the selected ones
+  (:class:`~flowtransfer.methods.simple.Specialists`). What it changes is part of the state the
+  trainer then scores, selects and checkpoints.
+- ``selection_veto(valid_dataset) -> str | None``: after validation; a non-empty reason means the
+  epoch's weights must not be selected. **A vetoed epoch before the first selectable one** (a
+  warm-up, e.g. MMANet's, whose student has not distilled) **counts neither against early
+  stopping's patience nor against the learning-rate schedule's**: there is no best epoch yet to be
+  patient about, and the schedule never sees its score. ``Trainer.exempts_warmup`` (True) says so
+  to methods that check their warm-up against the patience. A vetoed epoch after a selectable one
+  (e.g. DiCMoR whose recoveries blew up) counts as an epoch without improvement for both (the
+  schedule is given the worst possible score, not the vetoed one).
+- ``on_fit_end(trainer: Trainer) -> None``: once, after the best epoch's weights are loaded back;
+  during the call ``trainer.last_state`` holds the method's state dict at the end of training
+  (the state ``last.pt`` holds; after a resume of a finished run, the checkpointed one), e.g. for
+  sub-models that keep their own best epochs (:class:`~flowtransfer.methods.simple.Specialists`).
+  The copy is made only for methods that define the hook, and dropped after it.
 - ``prepare(train_dataset) -> None``: once at the start of :meth:`Trainer.fit` (seeded with
   ``config.seed``, before a resume restores the checkpoint), for training-set statistics such as
   fill means or k-means priors. Under DDP rank 0's result is broadcast to every rank.
@@ -357,6 +378,10 @@ class Trainer:
         optimizer, scheduler: built at construction (scheduler None if disabled).
         epoch: epochs completed; steps: optimiser steps taken; best_score, best_epoch,
             best_step, bad_epochs, history: selection state.
+        exempts_warmup: True: epochs vetoed before the first selectable one count against neither
+            patience (read by methods with a warm-up, e.g. MMANet, when they plan it).
+        last_state: during ``method.on_fit_end`` only, the method's state dict at the end of
+            training (None otherwise).
     """
 
     def __init__(
@@ -415,6 +440,10 @@ class Trainer:
         #: the datasets of the running :meth:`fit` (for hooks); None before it
         self.train_dataset: Any = None
         self.valid_dataset: Any = None
+        #: the state at the end of training, during ``method.on_fit_end`` only
+        self.last_state: dict[str, Tensor] | None = None
+        #: epochs vetoed before the first selectable one use no patience (read by MMANet.plan)
+        self.exempts_warmup = True
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -676,7 +705,15 @@ class Trainer:
                 f"no epoch produced a usable validation score for {cfg.monitor!r} (every score was NaN)"
                 if self.history else "nothing to train: epochs already completed and no best weights were saved"
             )
+        fit_end = getattr(self.method, "on_fit_end", None)
+        if fit_end is not None:  # the state at the end of training, for the hook
+            self.last_state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
         self.method.load_state_dict(self.best_state)
+        if fit_end is not None:
+            try:
+                fit_end(self)
+            finally:
+                self.last_state = None
         assert self.best_epoch is not None and self.best_score is not None
         reason = self.stop_reason()
         window = cfg.early_stop_patience if cfg.early_stop_patience is not None else 1
@@ -728,6 +765,9 @@ class Trainer:
             start = time.perf_counter()
             lr = self.lr
             train_record = self.train_epoch(train_dataset, epoch)
+            after = getattr(self.method, "after_train_epoch", None)
+            if after is not None:  # e.g. per-pattern selection of sub-models, before they are scored
+                after(epoch, self)
             valid_record = self.validate(valid_dataset)
             if cfg.monitor not in valid_record:
                 raise ValueError(
@@ -741,20 +781,27 @@ class Trainer:
             if veto:
                 valid_record["vetoed"] = 1.0
             improved = not veto and self._improved(score)
+            # a vetoed epoch before any selectable one (a warm-up) uses no patience (module docstring)
+            exempt = bool(veto) and self.best_epoch is None
             if improved:
                 self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
                 self.best_step = self.steps
                 self.best_state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
-            else:
+            elif not exempt:
                 self.bad_epochs += 1
-            if self.scheduler is not None and math.isfinite(score):
-                self.scheduler.step(score)
+            if self.scheduler is not None and not exempt:
+                if veto:  # counts as an epoch without improvement; its own score is not trusted
+                    self.scheduler.step(math.inf if self.mode == "min" else -math.inf)
+                elif math.isfinite(score):
+                    self.scheduler.step(score)
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "steps": self.steps}
             record.update({f"train/{k}": v for k, v in train_record.items()})
             record.update({f"valid/{k}": v for k, v in valid_record.items()})
             record.update({"score": score, "improved": improved, "seconds": time.perf_counter() - start})
             if veto:
                 record["veto"] = str(veto)
+                if exempt:
+                    record["patience_exempt"] = True
             self.history.append(record)
             self.epoch = epoch + 1
             patience = cfg.early_stop_patience
@@ -765,7 +812,7 @@ class Trainer:
                 logger.info(
                     "epoch %d/%d  train loss %.4f  valid %s %.4f (best %.4f)%s  lr %.2e  %.1fs",
                     epoch + 1, cfg.epochs, train_record["loss"], cfg.monitor, score, best,
-                    " *" if improved else "", lr, record["seconds"],
+                    " *" if improved else (" (vetoed)" if veto else ""), lr, record["seconds"],
                 )
             if epoch_bar is not None:
                 epoch_bar.update(1)
