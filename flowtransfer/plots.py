@@ -655,8 +655,12 @@ def recovered_features(
     sources: Sequence[str] | None = None,
     max_samples: int | None = None,
     batch_size: int = 256,
+    refine: bool = True,
 ) -> dict[str, np.ndarray]:
     """Real, recovered and zero-filled features of modality ``dst`` from a trained method.
+
+    ``refine=False`` asks the method for its recovery before refinement (DiCMoR: the flow transfer
+    alone, ``recover(batch, refine=False)``); methods without that option raise ``TypeError``.
 
     Every sample of ``dataset`` loses ``dst``; ``sources`` (default: every other modality) stay
     present, the rest are dropped too. Uses the method's ``encode`` (real features with all
@@ -693,7 +697,8 @@ def recovered_features(
                 idx = np.arange(start, min(n, start + batch_size))
                 complete = complete_ds.batch(idx)
                 real = method.encode(complete)[dst]
-                rec = method.recover(partial_ds.batch(idx))[dst]
+                part = partial_ds.batch(idx)
+                rec = (method.recover(part) if refine else method.recover(part, refine=False))[dst]
                 if hasattr(method, "extractors"):
                     zeros = {m: torch.zeros_like(x) for m, x in complete.features.items()}
                     zero_feat = method.extractors(zeros, complete.mask)[dst]
