@@ -851,14 +851,15 @@ def _train_and_evaluate(
 def _realised_columns(setting: Setting, mask: np.ndarray, steps: Mapping[str, np.ndarray] | None,
                       test: MultimodalDataset) -> dict[str, Any]:
     """The per-modality (and, for step settings, per-time-step) realised rates a protocol reports,
-    as row columns: ``realised_rate_<m>``, ``realised_step_rate`` and ``realised_step_rate_<m>``."""
+    as row columns: ``realised_rate_<m>``, ``realised_step_rate`` and ``realised_step_rate_<m>``,
+    ``realised_incomplete`` (CyIN's instance level) and ``absent_after_<m>`` (step settings)."""
     if isinstance(setting, MissingSetting):  # the random protocol: realised_missing_rate says it all
         return {}
     desc = setting.describe(mask, steps, test if steps is not None else None)
     step_setting = desc.get("protocol") == "steps"
     out: dict[str, Any] = {}
     for key, value in desc.items():
-        if not key.startswith("realised_rate") and not key.startswith("absent_after_"):
+        if not key.startswith(("realised_rate", "realised_incomplete", "absent_after_")):
             continue
         if step_setting and key.startswith("realised_rate"):
             key = key.replace("realised_rate", "realised_step_rate", 1)

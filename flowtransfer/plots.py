@@ -64,8 +64,26 @@ METRIC_LABELS: dict[str, str] = {
 _PERCENT = {"acc", "f1_macro", "f1_weighted", "acc2_non0", "f1_non0", "acc2_has0", "acc7", "acc5"}
 
 
-def _rate(setting: str) -> float | None:
-    return float(setting.split("=", 1)[1]) if setting.startswith("mr=") else None
+#: setting-name prefix -> x-axis label of the protocols whose settings are one number
+RATE_AXES = {
+    "mr=": "missing rate (fraction of missing modality slots)",
+    "steps=": "fraction of time steps removed inside each modality",
+    "cyin_mp=": "probability that a sample is incomplete (CyIN instance level)",
+    "cyin_mr=": "missing rate (CyIN dataset level)",
+}
+
+
+def _rate(setting: str, prefix: str = "mr=") -> float | None:
+    if not setting.startswith(prefix) or "@" in setting:
+        return None
+    return float(setting[len(prefix):])
+
+
+def _rate_prefix(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The protocol prefix most of ``rows``' settings share (``mr=`` by default)."""
+    counts = {p: sum(str(r["setting"]).startswith(p) for r in rows) for p in RATE_AXES}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else "mr="
 
 
 def plot_missing_rate_curves(
@@ -77,7 +95,9 @@ def plot_missing_rate_curves(
     """Score against missing rate, one line per method (mean over seeds, band = ± 1 std).
 
     Args:
-        rows: result rows (``method``, ``setting`` such as ``"mr=0.3"``, ``seed``, metric columns).
+        rows: result rows (``method``, ``setting`` such as ``"mr=0.3"``, ``seed``, metric columns);
+            runs under another one-number protocol (``steps=0.3``, ``cyin_mp=0.5``, ``cyin_mr=0.3``)
+            are drawn against that number (:data:`RATE_AXES`).
             Methods evaluated only on complete data (``setting == "complete"``) are drawn as dashed
             horizontal lines.
         metric: the column to plot (rates are shown in percent).
@@ -88,13 +108,14 @@ def plot_missing_rate_curves(
     else:
         fig = ax.figure
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    prefix = _rate_prefix(rows)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(methods):
         colour = colours[i % len(colours)]
         mine = [r for r in rows if r["method"] == name and metric in r and r[metric] is not None]
         curve: dict[float, list[float]] = {}
         for r in mine:
-            rate = _rate(r["setting"])
+            rate = _rate(r["setting"], prefix)
             if rate is not None:
                 curve.setdefault(rate, []).append(float(r[metric]) * scale)
         if curve:
@@ -109,7 +130,7 @@ def plot_missing_rate_curves(
         if complete:
             ax.axhline(np.mean(complete), color=colour, linestyle="--",
                        label=f"{name}, complete data (n={len(complete)} seeds)")
-    ax.set_xlabel("missing rate (fraction of missing modality slots)")
+    ax.set_xlabel(RATE_AXES[prefix])
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if title:
         ax.set_title(title)
