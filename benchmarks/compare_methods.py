@@ -25,6 +25,9 @@ Datasets (``--datasets``, comma-separated keys):
 * ``mosi``: the utterance-level CMU-MOSI pickle ``<shared>/mosi_utterance/mosi_utterance_poria.pkl``
   (dataset ``mmsa``, regression, L/A/V with T = 1), MR 0.0 ... 0.7 and the 6 patterns.
   Utterance-level features and the Poria split: the numbers are not comparable to papers' tables.
+* ``mosi_fold0`` ... ``mosi_fold4`` (alias ``mosi_folds``): the fully held-out 5-fold version
+  (``<shared>/mosi_utterance/heldout_cv/fold<k>.pkl``: only the videos the feature learner never
+  saw; test = fold k, valid = fold k+1); the report pools the five test folds.
 * ``avmnist``: AV-MNIST built from ``<shared>/avmnist_sources`` (V = degraded image rows, A = MFCC
   of a noisy spoken digit, 10 classes), MR 0.0 ... 0.7 and the 2 patterns.
 * ``avmnist_smil``: SMIL's setting on AV-MNIST: only eta = 10% / 20% of the training (and
@@ -105,18 +108,23 @@ class Spec:
     train_eta_modality: str | None = None
     rates: tuple[float, ...] = RATES
     smil_setting: bool = False
+    dataset_options: dict[str, Any] = field(default_factory=dict)
 
 
+#: SMIL's reconstructed modality m* follows its paper's rule (text where there is text, else audio:
+#: :func:`flowtransfer.methods.smil.paper_missing_modality`), so no dataset overrides it here.
 SPECS: dict[str, Spec] = {
-    "synthetic": Spec("synthetic", None, "classification", {"smil": {"missing_modality": "L"}}),
-    "mosi": Spec("mmsa", "mosi_utterance/mosi_utterance_poria.pkl", "regression", {"smil": {"missing_modality": "L"}}),
-    "avmnist": Spec("avmnist", "avmnist_sources", "classification", {"smil": {"missing_modality": "A"}}),
-    "avmnist_smil_eta10": Spec("avmnist", "avmnist_sources", "classification", {"smil": {"missing_modality": "A"}},
+    "synthetic": Spec("synthetic", None, "classification"),
+    "mosi": Spec("mmsa", "mosi_utterance/mosi_utterance_poria.pkl", "regression"),
+    **{f"mosi_fold{k}": Spec("mmsa", "mosi_utterance", "regression", dataset_options={"fold": k}) for k in range(5)},
+    "avmnist": Spec("avmnist", "avmnist_sources", "classification"),
+    "avmnist_smil_eta10": Spec("avmnist", "avmnist_sources", "classification",
                                train_eta=0.1, train_eta_modality="A", rates=(0.0,), smil_setting=True),
-    "avmnist_smil_eta20": Spec("avmnist", "avmnist_sources", "classification", {"smil": {"missing_modality": "A"}},
+    "avmnist_smil_eta20": Spec("avmnist", "avmnist_sources", "classification",
                                train_eta=0.2, train_eta_modality="A", rates=(0.0,), smil_setting=True),
 }
-ALIASES = {"avmnist_smil": ("avmnist_smil_eta10", "avmnist_smil_eta20")}
+ALIASES = {"avmnist_smil": ("avmnist_smil_eta10", "avmnist_smil_eta20"),
+           "mosi_folds": tuple(f"mosi_fold{k}" for k in range(5))}
 #: headline metric(s) of the per-setting table, with the direction of "better"
 HEADLINE: dict[str, tuple[tuple[str, bool], ...]] = {
     "classification": (("acc", True),),
@@ -195,7 +203,7 @@ def cell_config(cell: Cell, args: argparse.Namespace, **changes: Any) -> Any:
     from flowtransfer.experiment import ExperimentConfig
 
     spec = SPECS[cell.key]
-    dataset_options: dict[str, Any] = {}
+    dataset_options: dict[str, Any] = dict(spec.dataset_options)
     if spec.dataset == "avmnist" and args.max_per_split:
         dataset_options["max_per_split"] = args.max_per_split
     if spec.dataset == "synthetic" and args.quick:
@@ -651,6 +659,61 @@ def report_key(key: str, args: argparse.Namespace) -> None:
           f"{format_missing(missing)}", flush=True)
 
 
+#: metrics that pool over disjoint test folds as sample-weighted means (counts over samples)
+POOLABLE = ("acc", "f1_weighted", "acc2_non0", "acc2_has0", "acc7", "acc5", "mae")
+
+
+def pool_folds(rows_by_fold: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (method, setting, seed) over disjoint test folds: each metric of :data:`POOLABLE`
+    as the mean over folds weighted by each fold's test-sample count ``n`` (exactly the metric on the
+    pooled test samples for accuracies and MAE; ``acc2_non0`` weights by ``n`` too, so it is exact up
+    to the folds' shares of zero labels). Other metrics (correlations, F1 macro) do not pool and are
+    left out. Only (method, setting, seed) present in every fold are pooled."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for rows in rows_by_fold:
+        for r in rows:
+            groups.setdefault((r["method"], r["setting"], int(r["seed"])), []).append(r)
+    pooled = []
+    for (method, setting, seed), group in groups.items():
+        if len(group) != len(rows_by_fold):
+            continue
+        n = [float(r.get("n") or 0) for r in group]
+        total = sum(n)
+        row: dict[str, Any] = {"method": method, "dataset": "mosi_folds", "setting": setting, "seed": seed, "n": total}
+        for metric in POOLABLE:
+            values = [r.get(metric) for r in group]
+            if total and all(isinstance(v, (int, float)) for v in values):
+                row[metric] = sum(w * v for w, v in zip(n, values)) / total
+        for key in ("steps", "improving_at_stop", "stop_reason"):
+            row[key] = group[0].get(key)
+        pooled.append(row)
+    return pooled
+
+
+def report_pooled_folds(args: argparse.Namespace) -> None:
+    """``compare_mosi_folds_pooled_*``: the five held-out folds' test sets pooled (see :func:`pool_folds`)."""
+    from flowtransfer.training import format_table, summarise
+    from flowtransfer.training.results import write_results
+
+    keys = ALIASES["mosi_folds"]
+    per_fold = [collect_rows(k, args) for k in keys]
+    if not all(per_fold):
+        print("[mosi_folds] pooled report needs every fold finished for some cell; "
+              f"folds with results: {[k for k, r in zip(keys, per_fold) if r]}", flush=True)
+        return
+    rows = pool_folds(per_fold)
+    out = Path(args.out)
+    write_results(rows, out, name=f"compare_mosi_folds_pooled{args.tag}_results")
+    (out / f"compare_mosi_folds_pooled{args.tag}_results.json").unlink(missing_ok=True)
+    metrics = [m for m in POOLABLE if any(m in r for r in rows)]
+    (out / f"compare_mosi_folds_pooled{args.tag}_table.txt").write_text(
+        "compare_methods: the 5 held-out MOSI folds, test folds pooled (sample-weighted over folds); "
+        "mean ± std over seeds\n" + format_table(summarise(rows), metrics=metrics) + "\n")
+    (out / f"compare_mosi_folds_pooled{args.tag}_headline.md").write_text(
+        headline_markdown("mosi_folds (pooled)", rows, {}, "regression", []))
+    print(f"[mosi_folds] pooled report written ({len(rows)} rows)", flush=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------------
@@ -679,8 +742,8 @@ def _json_object(text: str) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", type=parse_keys, default=None,
-                   help="comma-separated keys: synthetic, mosi, avmnist, avmnist_smil (= avmnist_smil_eta10,"
-                        "avmnist_smil_eta20) (default: all; --quick: synthetic)")
+                   help="comma-separated keys: synthetic, mosi, mosi_fold0..4 (mosi_folds), avmnist, avmnist_smil "
+                        "(= avmnist_smil_eta10,avmnist_smil_eta20) (default: all; --quick: synthetic)")
     p.add_argument("--methods", type=parse_methods, default=None,
                    help="comma-separated method names (default: all; the report: every finished method)")
     p.add_argument("--smil-methods", type=parse_methods, default=SMIL_METHODS,
@@ -696,7 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-patience", type=int, default=2,
                    help="epochs without improvement before the learning rate is halved (default 2)")
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--preset", default="small", help="model preset for every method (small, mosi, mosei)")
+    p.add_argument("--preset", default=None,
+                   help="model preset for every method (small, avmnist, mosi, mosei; default: the dataset's, "
+                        "see flowtransfer.methods.preset_for_dataset)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
@@ -756,6 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         run_keys(args.datasets, args)
         print(format_missing(missing_cells(args.datasets, args)), flush=True)
+    if not args.plan and all(k in args.datasets for k in ALIASES["mosi_folds"]):
+        report_pooled_folds(args)
     print(f"total {time.perf_counter() - start:.0f} s; results in {args.out}", flush=True)
     return 0
 
