@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 gap = abs(realised - want)
             else:
                 realised = r[key]
+                if protocol == "cyin_dataset":  # above (M-1)/M every sample keeps one modality: the most it realises
+                    want = min(want, 2.0 / 3.0)
                 gap = abs(realised - want)
             worst = max(worst, gap)
             shown = ", ".join(f"{m} {v:.2f}" for m, v in want.items()) if isinstance(want, dict) else f"{want:.4f}"
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                              + ", ".join(f"{m} {v:.4f}" for m, v in per_mod.items()) + f" | {gap:.4f} |")
         refs = json.loads((Path(args.runs) / protocol / "references.json").read_text())
         what = {"steps": "fraction of valid time steps removed", "cyin_instance": "fraction of incomplete samples",
-                "per_modality": "missing rate (gap: worst modality)"}.get(protocol, "missing rate")
+                "per_modality": "missing rate (gap: worst modality)"}.get(
+            protocol, "missing rate; with 3 modalities at most 2/3 is realisable (one modality kept), so a "
+                      "request above it is compared with 2/3")
         parts += [f"## `{protocol}` ({PROTOCOLS[protocol].summary})", "",
                   f"Rates: {what}.", "",
                   "| setting | seed | requested | realised | per modality | gap |", "|---|---|---|---|---|---|",
