@@ -280,3 +280,25 @@ def test_1x1_matrices_follow_a_fused_optimiser_step_between_no_grad_passes():
         with torch.inference_mode():
             torch.testing.assert_close(flow.to_latent(x), after)
 
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_logdet_free_inverse_gives_the_same_output_and_gradients(name):
+    """``inverse_cm_nologdet`` is ``inverse_cm(...)[0]`` bit for bit, and so are its gradients
+    (for the input and every parameter)."""
+    layer, channels, cond = perturbed(name)
+    layer.eval()
+    x, ctx = inputs(channels, cond, 5)
+    x_cm = x.transpose(0, 1).contiguous()
+    ctx_cm = layer.context_cm(ctx, x.shape[0], x.shape[2])
+    grads = []
+    for fn in (lambda v: layer.inverse_cm(v, ctx_cm)[0], lambda v: layer.inverse_cm_nologdet(v, ctx_cm)):
+        v = x_cm.clone().requires_grad_()
+        out = fn(v)
+        params = [p for p in layer.parameters()]
+        grads.append((out.detach(), *torch.autograd.grad(out.sin().sum(), [v, *params], allow_unused=True)))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1:], grads[1][1:]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flowtransfer.flows import RationalQuadraticCoupling, check_logdet, rational_quadratic_spline
-from flowtransfer.flows.spline import inverse_root, spline_knots
+from flowtransfer.flows.spline import IMPLEMENTATIONS, inverse_root, spline_from_theta, spline_knots
 
 K = 6
 B = 3.0
@@ -193,3 +193,123 @@ def test_inverse_is_bounded_whatever_the_conditioner_outputs():
     cert = layer.inverse_bound(radius)
     assert bool((x.abs().amax((0, 2)) <= cert + 1e-12).all())
     torch.testing.assert_close(cert[2:], radius[2:].clamp_min(2.0))
+
+
+# ---------------------------------------------------------------------- the fused implementation
+def theta_and_inputs(k=K, n=40, scale=1.5, seed=11):
+    """Stacked parameters ``(3K-1, n)`` and inputs at random points, in the tails, on every knot
+    (x and y knots, for the forward and the inverse), at +-B, just inside and far outside."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(3 * k - 1, 1, generator=g, dtype=torch.float64) * scale
+    xk, yk, _ = spline_knots(theta[:k], theta[k : 2 * k], theta[2 * k :], B)
+    special = torch.tensor([-B, B, -B + 1e-9, B - 1e-9, 4.0, -7.5, 1e6, -1e6], dtype=torch.float64)
+    x = torch.cat([torch.randn(n, generator=g, dtype=torch.float64) * 2.0, special, xk[:, 0], yk[:, 0]])
+    return theta.expand(3 * k - 1, len(x)).clone(), x
+
+
+def both(x, theta, k=K, **kw):
+    return {impl: spline_from_theta(x, theta, k, B, implementation=impl, **kw) for impl in IMPLEMENTATIONS}
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("k", [2, 3, K])
+def test_fused_matches_the_autograd_reference_values_logdets_and_gradients(inverse, k):
+    theta, x = theta_and_inputs(k)
+    grads = {}
+    for impl in IMPLEMENTATIONS:
+        xr, tr = x.clone().requires_grad_(), theta.clone().requires_grad_()
+        y, ld = spline_from_theta(xr, tr, k, B, inverse=inverse, implementation=impl)
+        g = torch.Generator().manual_seed(5)
+        wy, wl = (torch.randn(len(x), generator=g, dtype=torch.float64) for _ in range(2))
+        grads[impl] = (y.detach(), ld.detach(), *torch.autograd.grad((wy * y).sum() + (wl * ld).sum(), (xr, tr)))
+    for a, b in zip(grads["fused"], grads["autograd"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_fused_with_different_bin_width_and_height_floors():
+    theta, x = theta_and_inputs()
+    kw = dict(min_bin_width=0.02, min_bin_height=0.07, min_derivative=0.01)
+    res = {}
+    for impl in IMPLEMENTATIONS:
+        tr = theta.clone().requires_grad_()
+        y, ld = spline_from_theta(x, tr, K, B, implementation=impl, **kw)
+        res[impl] = (y.detach(), ld.detach(), *torch.autograd.grad((y.sin() + ld).sum(), tr))
+    for a, b in zip(res["fused"], res["autograd"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_fused_gradcheck_random_points_tails_and_far_outside(inverse):
+    """Hand-written backward against finite differences, for the outputs and the log-det."""
+    theta, x = theta_and_inputs(n=12)
+    x = x[:20]  # random points, +-B -+ 1e-9 (just inside), the tails and far outside
+    x = x[(x.abs() - B).abs() > 1e-3]  # the log-det is only piecewise differentiable at exactly +-B
+    fn = lambda v, t: spline_from_theta(v, t, K, B, inverse=inverse)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(), theta[:, : len(x)].clone().requires_grad_()))
+    out_only = lambda v, t: spline_from_theta(v, t, K, B, inverse=inverse, logdet=False)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(out_only, (x.clone().requires_grad_(), theta[:, : len(x)].clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_fused_gradcheck_on_the_knots_and_at_the_bounds(inverse):
+    """On a knot and at +-B the map is C1 (in the input and the parameters), so finite differences
+    of the outputs apply; its log-derivative has a kink there (the spline is only C1), so the
+    log-det's one-sided gradient is checked against the reference instead, which takes the same
+    side (a knot starts its bin)."""
+    theta, x = theta_and_inputs(n=0)
+    t = theta.clone().requires_grad_()
+    v = x.clone()  # the knots move with theta: gradcheck perturbs theta around the knot
+    # a narrow bin next to a knot curves the inverse strongly: a small step keeps the finite
+    # differences accurate (one-sided differences at 1e-4 / 1e-6 / 1e-8 converge to the same value)
+    out_only = lambda t_: spline_from_theta(v, t_, K, B, inverse=inverse)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(out_only, (t,), eps=1e-8, atol=1e-5)
+    near = v.abs() < 100  # a step of 1e-8 is below the resolution at 1e6 (checked above)
+    assert torch.autograd.gradcheck(lambda v_: spline_from_theta(v_, theta[:, near], K, B, inverse=inverse)[0],
+                                    (v[near].clone().requires_grad_(),), eps=1e-8, atol=1e-5)
+    res = {}
+    for impl in IMPLEMENTATIONS:
+        vr, tr = v.clone().requires_grad_(), theta.clone().requires_grad_()
+        ld = spline_from_theta(vr, tr, K, B, inverse=inverse, implementation=impl)[1]
+        res[impl] = torch.autograd.grad(ld.sum(), (vr, tr))
+    for a, b in zip(res["fused"], res["autograd"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_logdet_free_path_gives_the_same_outputs_and_gradients(implementation, inverse):
+    theta, x = theta_and_inputs()
+    y, ld = spline_from_theta(x, theta, K, B, inverse=inverse, implementation=implementation)
+    y2, none = spline_from_theta(x, theta, K, B, inverse=inverse, logdet=False, implementation=implementation)
+    assert none is None and torch.equal(y, y2)
+    grads = []
+    for logdet in (True, False):
+        xr, tr = x.clone().requires_grad_(), theta.clone().requires_grad_()
+        out = spline_from_theta(xr, tr, K, B, inverse=inverse, logdet=logdet, implementation=implementation)[0]
+        grads.append(torch.autograd.grad(out.sin().sum(), (xr, tr)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_identity_tails_are_exact_and_nan_passes_through():
+    theta, x = theta_and_inputs()
+    x = torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)])
+    theta = theta[:, :1].expand(3 * K - 1, len(x)).clone()
+    for inverse in (False, True):
+        y, ld = spline_from_theta(x, theta, K, B, inverse=inverse)
+        outside = ~(x.abs() <= B)
+        assert torch.equal(y[outside].nan_to_num(), x[outside].nan_to_num())
+        assert torch.equal(ld[outside], torch.zeros_like(ld[outside]))
+
+
+def test_coupling_implementations_agree_and_unknown_one_is_an_error():
+    fused = perturbed_coupling()
+    ref = perturbed_coupling()
+    ref.implementation = "autograd"
+    x = torch.randn(3, 5, 4, dtype=torch.float64) * 2.5
+    for a, b in zip((*fused(x), *fused.inverse(x)), (*ref(x), *ref.inverse(x))):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+    with pytest.raises(ValueError, match="implementation"):
+        RationalQuadraticCoupling(4, implementation="cuda")
+    with pytest.raises(ValueError, match="implementation"):
+        spline_from_theta(x[0, 0], torch.zeros(11, 4, dtype=torch.float64), 4, B, implementation="nope")

@@ -91,5 +91,7 @@ class ActNorm(ChannelMajorTransform):
 
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # divide by the same exp(log_scale) the forward multiplies by: one rounding, not two
-        y = x / torch.exp(self.log_scale)[:, None, None] + self.shift[:, None, None]
-        return y, -self._logabsdet(x)
+        return self.inverse_cm_nologdet(x, context), -self._logabsdet(x)
+
+    def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return x / torch.exp(self.log_scale)[:, None, None] + self.shift[:, None, None]

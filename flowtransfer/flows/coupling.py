@@ -77,7 +77,8 @@ class Coupling(ChannelMajorTransform):
     ``__init__`` before calling :meth:`build_conditioner`) and implement
 
     - :meth:`elementwise` ``(xb, theta) -> (yb, logdet)`` and
-    - :meth:`elementwise_inverse` ``(yb, theta) -> (xb, logdet)``,
+    - :meth:`elementwise_inverse` ``(yb, theta) -> (xb, logdet)``, and optionally
+      :meth:`elementwise_inverse_nologdet` ``(yb, theta) -> xb`` (the inverse without its log-det),
 
     where ``xb`` is ``(C_b, B, T)``, ``theta`` is ``(num_params, C_b, B, T)`` (the conditioner's
     output viewed parameter-major) and ``logdet`` is the per-sample ``(B,)`` log-det of the map.
@@ -125,6 +126,11 @@ class Coupling(ChannelMajorTransform):
     def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def elementwise_inverse_nologdet(self, yb: Tensor, theta: Tensor) -> Tensor:
+        """:meth:`elementwise_inverse` without the log-det (the same ``xb``); override it where
+        the log-det costs something. The default computes it and drops it."""
+        return self.elementwise_inverse(yb, theta)[0]
+
     def inverse_bound_transformed(self, radius: Tensor) -> Tensor:
         """Per-channel bound on ``|x_b|`` from the inverse given ``|y_b| <= radius`` (``(C_b,)``);
         ``inf`` where the map cannot bound it (the default)."""
@@ -153,6 +159,10 @@ class Coupling(ChannelMajorTransform):
         ya, yb = y[: self.split], y[self.split :]
         xb, logdet = self.elementwise_inverse(yb, self._theta(ya, context))
         return torch.cat([ya, xb], dim=0), logdet
+
+    def inverse_cm_nologdet(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        ya, yb = y[: self.split], y[self.split :]
+        return torch.cat([ya, self.elementwise_inverse_nologdet(yb, self._theta(ya, context))], dim=0)
 
     def inverse_bound(self, radius: Tensor) -> Tensor:
         """Per-channel bound on the inverse's output given ``|y_c| <= radius_c``: the identity half
@@ -247,16 +257,22 @@ class AffineCoupling(Coupling):
             return torch.addcmul(t, xb, torch.exp(log_s)), log_s.sum((0, 2))
         return xb + t, xb.new_zeros(xb.shape[1])
 
-    def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse(self, yb: Tensor, theta: Tensor, logdet: bool) -> tuple[Tensor, Tensor | None]:
         h, t = self._split_theta(theta)
         if self.scale == "sigmoid":
             z = h + 2.0
-            return yb / torch.sigmoid(z) - t, -F.logsigmoid(z).sum((0, 2))
+            return yb / torch.sigmoid(z) - t, (-F.logsigmoid(z).sum((0, 2)) if logdet else None)
         if self.scale == "softclamp":
             log_s = self.clamp * torch.tanh(h / self.clamp)
             # divide by the forward's exact factor: one rounding
-            return (yb - t) / torch.exp(log_s), -log_s.sum((0, 2))
-        return yb - t, yb.new_zeros(yb.shape[1])
+            return (yb - t) / torch.exp(log_s), (-log_s.sum((0, 2)) if logdet else None)
+        return yb - t, (yb.new_zeros(yb.shape[1]) if logdet else None)
+
+    def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        return self._inverse(yb, theta, logdet=True)
+
+    def elementwise_inverse_nologdet(self, yb: Tensor, theta: Tensor) -> Tensor:
+        return self._inverse(yb, theta, logdet=False)[0]
 
     def inverse_bound_transformed(self, radius: Tensor) -> Tensor:
         if self.shift_bound is None or self.scale == "sigmoid":

@@ -96,7 +96,8 @@ class ChannelMajorTransform(Transform):
 
     Subclasses set ``self.channels`` and implement :meth:`forward_cm` / :meth:`inverse_cm`, each
     returning ``(output (C, B, T), logabsdet (B,))`` and taking an optional channel-major context
-    ``(cond, B, T)``. The public :meth:`forward` / :meth:`inverse` take and return ``(B, C, T)``.
+    ``(cond, B, T)``, and may override :meth:`inverse_cm_nologdet` (the inverse without its
+    log-det). The public :meth:`forward` / :meth:`inverse` take and return ``(B, C, T)``.
     """
 
     channels: int
@@ -110,6 +111,13 @@ class ChannelMajorTransform(Transform):
 
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The output of :meth:`inverse_cm` ``(C, B, T)`` without its log-det, for callers that
+        only need the map (cross-modal transfer, sampling). The same values as
+        ``inverse_cm(x, context)[0]``; layers whose log-det costs something override this to
+        skip it (the default computes it and drops it)."""
+        return self.inverse_cm(x, context)[0]
 
     def inverse_bound(self, radius: Tensor) -> Tensor:
         """Per-channel bound ``(C,)`` on ``|inverse(y)|`` given ``|y_c| <= radius_c``, for any input of

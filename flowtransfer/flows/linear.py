@@ -105,6 +105,9 @@ class InvertibleConv1x1(ChannelMajorTransform):
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return _channel_matmul(self.weight_inverse(), x), -self._logabsdet(x)
 
+    def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return _channel_matmul(self.weight_inverse(), x)
+
     def inverse_bound(self, radius: Tensor) -> Tensor:
         """``|x| <= |W^{-1}| radius`` (entrywise absolute values): finite, but it compounds over a
         stack of 1x1 convolutions, which is why the bounded default flow permutes instead."""
@@ -141,6 +144,9 @@ class ChannelPermutation(ChannelMajorTransform):
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.index_select(0, self.inverse_perm), x.new_zeros(x.shape[1])
 
+    def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return x.index_select(0, self.inverse_perm)
+
     def inverse_bound(self, radius: Tensor) -> Tensor:
         return radius.index_select(0, self.inverse_perm.to(radius.device))
 
@@ -160,6 +166,9 @@ class ChannelFlip(ChannelMajorTransform):
 
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.flip(0), x.new_zeros(x.shape[1])
+
+    def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return x.flip(0)
 
     def inverse_bound(self, radius: Tensor) -> Tensor:
         return radius.flip(0)

@@ -39,11 +39,19 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .conditioner import ConditionerFactory, resolve_conditioner
 from .coupling import Coupling, register_coupling
 
-__all__ = ["RationalQuadraticCoupling", "inverse_root", "rational_quadratic_spline", "spline_knots"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "RationalQuadraticCoupling",
+    "inverse_root",
+    "rational_quadratic_spline",
+    "spline_from_theta",
+    "spline_knots",
+]
 
 
 def spline_knots(
@@ -105,6 +113,12 @@ def inverse_root(left: Tensor, right: Tensor, h: Tensor, s: Tensor, d0: Tensor, 
     return xi.clamp(0.0, 1.0)
 
 
+#: implementations of the elementwise spline: ``"fused"`` (one autograd node with a hand-written
+#: backward, the default) and ``"autograd"`` (the reference: plain tensor code differentiated by
+#: autograd). Both compute the same function; the tests compare them.
+IMPLEMENTATIONS = ("fused", "autograd")
+
+
 def rational_quadratic_spline(
     inputs: Tensor,
     unnormalized_widths: Tensor,
@@ -113,10 +127,12 @@ def rational_quadratic_spline(
     bound: float = 5.0,
     *,
     inverse: bool = False,
+    logdet: bool = True,
     min_bin_width: float = 1e-3,
     min_bin_height: float = 1e-3,
     min_derivative: float = 1e-3,
-) -> tuple[Tensor, Tensor]:
+    implementation: str = "fused",
+) -> tuple[Tensor, Tensor | None]:
     r"""The monotone RQ spline on ``[-bound, bound]`` with identity tails, elementwise.
 
     Args:
@@ -125,6 +141,11 @@ def rational_quadratic_spline(
         unnormalized_derivatives: ``(K - 1, *S)``, the interior knots' derivatives.
         bound: :math:`B`.
         inverse: evaluate :math:`g^{-1}` instead of :math:`g`.
+        logdet: also return the log-derivative; ``False`` skips its computation (and its
+            gradient) and returns ``None`` in its place. The outputs are the same either way.
+        implementation: ``"fused"`` (default) or ``"autograd"`` (the reference), see
+            :data:`IMPLEMENTATIONS`. Under :func:`torch.compile` the reference is traced (the
+            compiler fuses it itself).
 
     Returns:
         ``(outputs, logabsdet)``, both of shape ``S``: :math:`\log g'(x)` forward, :math:`-\log
@@ -137,8 +158,48 @@ def rational_quadratic_spline(
             f"spline parameters: expected K widths, K heights and K-1 derivatives, got "
             f"{unnormalized_widths.shape[0]}, {unnormalized_heights.shape[0]}, {unnormalized_derivatives.shape[0]}"
         )
-    return _spline(inputs, torch.stack([unnormalized_widths, unnormalized_heights]), unnormalized_derivatives,
-                   bound, inverse, min_bin_width, min_bin_height, min_derivative)
+    theta = torch.cat([unnormalized_widths, unnormalized_heights, unnormalized_derivatives])
+    return spline_from_theta(inputs, theta, k, bound, inverse=inverse, logdet=logdet, min_bin_width=min_bin_width,
+                             min_bin_height=min_bin_height, min_derivative=min_derivative,
+                             implementation=implementation)
+
+
+def spline_from_theta(
+    inputs: Tensor,
+    theta: Tensor,
+    num_bins: int,
+    bound: float,
+    *,
+    inverse: bool = False,
+    logdet: bool = True,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+    implementation: str = "fused",
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`rational_quadratic_spline` with the parameters stacked as ``theta`` ``(3K - 1, *S)``
+    (K widths, K heights, K - 1 derivatives; in a coupling, a view of the conditioner's output)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown spline implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    k = int(num_bins)
+    if theta.shape[0] != 3 * k - 1 or theta.shape[1:] != inputs.shape:
+        raise ValueError(f"spline parameters: expected shape {(3 * k - 1, *inputs.shape)}, got {tuple(theta.shape)}")
+    if k == 1:  # one bin of slope 1 with unit end derivatives: exactly the identity
+        return inputs, (torch.zeros_like(inputs) if logdet else None)
+    if implementation == "autograd" or torch.compiler.is_compiling():
+        # under torch.compile the plain tensor code is what the compiler fuses best (and it traces
+        # without graph breaks; the fused path writes into strided views)
+        uwh = theta[: 2 * k].view(2, k, *inputs.shape)
+        out, ld = _spline(inputs, uwh, theta[2 * k :], bound, inverse, min_bin_width, min_bin_height,
+                          min_derivative)
+        return out, (ld if logdet else None)
+    opts = (k, float(bound), bool(inverse), bool(logdet), float(min_bin_width), float(min_bin_height),
+            float(min_derivative))
+    if torch.is_grad_enabled() and (inputs.requires_grad or theta.requires_grad):
+        res = _FusedSpline.apply(inputs, theta, *opts)
+        return (res[0], res[1]) if logdet else (res, None)
+    out, ld, _ = _fused_forward(inputs, theta, *opts, save=False)
+    return out, ld
 
 
 def _spline(
@@ -151,8 +212,8 @@ def _spline(
     min_bin_height: float,
     min_derivative: float,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`rational_quadratic_spline` with widths and heights stacked as ``uwh`` ``(2, K, *S)`` (a
-    view of the conditioner's output in the coupling: no copy)."""
+    """The reference implementation (``implementation="autograd"``): :func:`rational_quadratic_spline`
+    with widths and heights stacked as ``uwh`` ``(2, K, *S)``, written as plain tensor code."""
     k = uwh.shape[1]
     if k == 1:  # one bin of slope 1 with unit end derivatives: exactly the identity
         return v_in, torch.zeros_like(v_in)
@@ -192,6 +253,227 @@ def _spline(
     return torch.where(inside, out, v_in), torch.where(inside, log_deriv, 0.0)
 
 
+# ---------------------------------------------------------------------- the fused spline
+def _column(values: list[float], like: Tensor, dims: int) -> Tensor:
+    """``values`` as a ``(len(values), 1, ..., 1)`` tensor (``dims`` trailing ones) like ``like``."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(len(values), *([1] * dims))
+
+
+def _fused_forward(
+    v_in: Tensor,
+    theta: Tensor,
+    k: int,
+    bound: float,
+    inverse: bool,
+    logdet: bool,
+    min_bin_width: float,
+    min_bin_height: float,
+    min_derivative: float,
+    save: bool,
+) -> tuple[Tensor, Tensor | None, tuple | None]:
+    r"""The spline's values (and log-derivative), computed without an autograd graph in few,
+    large operations: the same formulas as the reference :func:`_spline`.
+
+    ``theta`` is ``(3K-1, *S)``. There is no ``cat``, ``cumsum`` or ``gather`` (slow on small
+    CPU tensors): the interior knots are running sums written into one block ``packed``
+    ``(3, K-1, *S)`` of (x, y, derivative) per interior knot, and each element's bin is selected
+    by a chain of :func:`torch.lerp` with weights exactly 0 or 1, which returns exactly one of its
+    two ends (``lerp(a, b, 0) = a``, ``lerp(a, b, 1) = b``), so the selected knots are the knots.
+
+    Returns ``(outputs, log-derivative or None, saved or None)``; ``saved`` holds what
+    :func:`_fused_backward` needs (only when ``save``).
+    """
+    shape, nd = v_in.shape, v_in.dim()
+    uwh = theta[: 2 * k].view(2, k, *shape)
+    p = torch.softmax(uwh, dim=1)  # (2, K, *S)
+    # bin fractions and interior knots with the reference's arithmetic (min + a p, running sums,
+    # * 2B - B), so that the knots are the same numbers and an input on a knot gets the same bin
+    if min_bin_width == min_bin_height:
+        frac = torch.mul(p, 1.0 - min_bin_width * k).add_(min_bin_width)
+    else:
+        mins = _column([min_bin_width, min_bin_height], p, nd + 1)
+        frac = mins + (1.0 - mins * k) * p
+    packed = p.new_empty((3, k - 1, *shape))
+    packed[:2, 0] = frac[:, 0]
+    for j in range(1, k - 1):
+        torch.add(packed[:2, j - 1], frac[:, j], out=packed[:2, j])
+    packed[:2].mul_(2.0 * bound).sub_(bound)
+    shift = math.log(math.expm1(1.0 - min_derivative))
+    ud_shifted = theta[2 * k :] + shift
+    torch.add(F.softplus(ud_shifted), min_derivative, out=packed[2])
+    v = v_in.clamp(-bound, bound)
+    inside = v == v_in  # NaN is outside and passes through, as in the reference
+    # masks[j] = [v >= interior knot j + 1] (a knot starts its bin), exactly 0. or 1.
+    masks = torch.ge(v, packed[1 if inverse else 0], out=p.new_empty((k - 1, *shape)))
+    lo, hi = _column([-bound, -bound, 1.0], p, nd), packed[:, 0]
+    right_end = _column([bound, bound, 1.0], p, nd)
+    for j in range(1, k):
+        m = masks[j - 1]
+        lo = torch.lerp(lo, packed[:, j - 1], m)
+        hi = torch.lerp(hi, packed[:, j] if j < k - 1 else right_end, m)
+    x0, y0, d0 = lo.unbind(0)
+    x1, y1, d1 = hi.unbind(0)
+    w, h = x1 - x0, y1 - y0
+    s = h / w
+    if inverse:
+        xi = inverse_root(v - y0, y1 - v, h, s, d0, d1)
+    else:
+        xi = (v - x0) / w
+    one_minus = 1.0 - xi
+    mix = xi * one_minus
+    den = torch.addcmul(s, torch.add(d0, d1).sub_(s, alpha=2.0), mix)
+    if inverse:
+        out = torch.where(inside, torch.addcmul(x0, xi, w), v_in)
+    else:
+        num = torch.addcmul(s * xi * xi, d0, mix).mul_(h)
+        out = torch.where(inside, torch.addcdiv(y0, num, den), v_in)
+    ld = None
+    if logdet:
+        # log g' = log(s^2 [d1 xi^2 + 2 s mix + d0 (1 - xi)^2] / den^2), one logarithm
+        n = torch.addcmul(d1 * xi * xi, s, mix, value=2.0).addcmul_(d0, one_minus * one_minus)
+        ld = torch.log((s * s * n).div_(den * den))
+        ld = torch.where(inside, ld.neg_() if inverse else ld, 0.0)
+    saved = None
+    if save:
+        saved = (p, masks, torch.sigmoid(ud_shifted), xi, w, h, s, d0, d1, inside)  # sigmoid: softplus'
+    return out, ld, saved
+
+
+def _fused_backward(
+    grad_out: Tensor | None,
+    grad_ld: Tensor | None,
+    saved: tuple,
+    k: int,
+    bound: float,
+    inverse: bool,
+    min_bin_width: float,
+    min_bin_height: float,
+) -> tuple[Tensor, Tensor]:
+    r"""Gradients ``(d/d inputs (*S), d/d theta (3K-1, *S))`` of ``sum(grad_out * out + grad_ld * ld)``.
+
+    In a bin with knots :math:`(x_0, y_0), (x_1, y_1)` and derivatives :math:`d_0, d_1`, with
+    :math:`w = x_1 - x_0`, :math:`h = y_1 - y_0`, :math:`s = h/w`, :math:`\xi = (x - x_0)/w`,
+    :math:`m = \xi(1-\xi)`, :math:`D = s + (d_0 + d_1 - 2s)m`, :math:`A = s\xi^2 + d_0 m` and
+    :math:`N = d_1\xi^2 + 2sm + d_0(1-\xi)^2`, the forward map is :math:`g = y_0 + hR`,
+    :math:`R = A/D`, and :math:`\ell = \log g' = 2\log s + \log N - 2\log D`. Partial derivatives
+    in :math:`(\xi, s, d_0, d_1)`:
+
+    .. math::
+        R_\xi = sN/D^2,\quad R_s = (\xi^2 D - A(1-2m))/D^2,\quad R_{d_0} = m(D - A)/D^2,\quad
+        R_{d_1} = -Am/D^2,
+
+        \ell_\xi = 2(d_1\xi + s(1-2\xi) - d_0(1-\xi))/N - 2(d_0+d_1-2s)(1-2\xi)/D,\quad
+        \ell_s = 2/s + 2m/N - 2(1-2m)/D,\quad \ell_{d_0} = (1-\xi)^2/N - 2m/D,\quad
+        \ell_{d_1} = \xi^2/N - 2m/D,
+
+    chained to the knots through :math:`\xi = (x - x_0)/w`, :math:`s = h/w`, :math:`h = y_1 - y_0`.
+    The inverse :math:`x = g^{-1}(y)` follows from the implicit function theorem: with upstream
+    gradients :math:`\bar x` of :math:`x` and :math:`\bar\ell` of :math:`-\ell(x)`, the input gets
+    :math:`q = (\bar x - \bar\ell\,\ell_\xi / w) / g'` and the parameters get the forward map's
+    parameter gradient with upstream :math:`(-q, -\bar\ell)` at :math:`x`.
+
+    Interior knot :math:`j` sits at :math:`-B + \sum_{i<j} w_i`, so bin size :math:`w_i` collects
+    the gradient of the bin's left knot (index :math:`b`) where :math:`b \ge i + 1` and of its right
+    knot where :math:`b + 1 \ge i + 1`; the right end knot :math:`B` is counted as
+    :math:`-B + \sum_i w_i` too, a shift shared by all bins that the softmax's backward
+    :math:`p \odot (g - \langle p, g\rangle)` removes (the sizes always sum to :math:`2B`). The
+    derivatives go through the softplus (derivative: the sigmoid). Elements outside
+    :math:`[-B, B]` pass their gradient through and give the parameters none.
+
+    Written without in-place writes into fresh tensors, so that it runs under ``vmap`` (e.g.
+    ``torch.autograd.functional.jacobian(..., vectorize=True)``).
+    """
+    p, masks, sig, xi, w, h, s, d0, d1, inside = saved
+    shape = xi.shape
+    insf = inside.to(xi.dtype)
+    zeros = None
+    if grad_out is None:
+        zeros = grad_out = torch.zeros_like(xi)
+    one_minus = 1.0 - xi
+    mix = xi * one_minus
+    curv = torch.add(d0, d1).sub_(s, alpha=2.0)
+    inv_den = torch.addcmul(s, curv, mix).reciprocal_()
+    inv_den2 = inv_den * inv_den
+    xi2 = xi * xi
+    n = torch.addcmul(d1 * xi2, s, mix, value=2.0).addcmul_(d0, one_minus * one_minus)
+    inv_w = w.reciprocal()
+    need_ld = grad_ld is not None
+    if need_ld:
+        inv_n = n.reciprocal()
+        one_2xi = 1.0 - 2.0 * xi
+        l_xi = torch.addcmul(d1 * xi, s, one_2xi).sub_(d0 * one_minus).mul_(inv_n).mul_(2.0)
+        l_xi.sub_(curv.mul_(one_2xi).mul_(inv_den).mul_(2.0))
+    if inverse:
+        q = grad_out - grad_ld * l_xi * inv_w if need_ld else grad_out
+        q = q / (s * s * n * inv_den2)  # divided by g'
+        grad_in = torch.where(inside, q, grad_out)
+        gy = -q * insf
+        gl = -grad_ld * insf if need_ld else None
+    else:
+        gy = grad_out * insf if zeros is None else zeros
+        gl = grad_ld * insf if need_ld else None
+    a_inv_den = torch.addcmul(s * xi2, d0, mix).mul_(inv_den)  # R = A / D
+    gyh = gy * h
+    g_xi = gyh * s * n * inv_den2
+    g_s = gyh * (xi2 - a_inv_den * (1.0 - 2.0 * mix)) * inv_den
+    g_d0 = gyh * mix * (1.0 - a_inv_den) * inv_den
+    g_d1 = -gyh * mix * a_inv_den * inv_den
+    g_h = gy * a_inv_den
+    if gl is not None:
+        two_mix_over_den = 2.0 * mix * inv_den
+        g_xi = g_xi + gl * l_xi
+        g_s = g_s + gl * (2.0 / s + 2.0 * mix * inv_n - 2.0 * (1.0 - 2.0 * mix) * inv_den)
+        g_d0 = g_d0 + gl * (one_minus * one_minus * inv_n - two_mix_over_den)
+        g_d1 = g_d1 + gl * (xi2 * inv_n - two_mix_over_den)
+    if not inverse:
+        grad_in = torch.where(inside, g_xi * inv_w, grad_out)
+    gxi_w, gs_s_w, gs_w = g_xi * inv_w, g_s * s * inv_w, g_s * inv_w
+    # gradients of the bin's left and right knots, (x, y) stacked
+    g_lo = torch.stack([gs_s_w - gxi_w * one_minus, gy - g_h - gs_w])
+    g_hi = torch.stack([-gxi_w * xi - gs_s_w, g_h + gs_w])
+    # ext = [1, masks_0, ..., masks_{K-2}, 0]: ext[i] = [bin >= i]
+    ext = xi.new_empty((k + 1, *shape))
+    ext[0].fill_(1.0)
+    ext[k].fill_(0.0)
+    ext[1:k].copy_(masks)
+    g_sizes = g_lo.unsqueeze(1) * ext[1:]
+    g_sizes = g_sizes.addcmul_(g_hi.unsqueeze(1), ext[:k])  # (2, K, *S)
+    g_sizes = g_sizes - (g_sizes * p).sum(1, keepdim=True)
+    g_u = g_sizes * p
+    if min_bin_width == min_bin_height:
+        g_u = g_u * (2.0 * bound * (1.0 - min_bin_width * k))
+    else:
+        g_u = g_u * (2.0 * bound * (1.0 - _column([min_bin_width, min_bin_height], p, len(shape) + 1) * k))
+    # interior knot j (1..K-1) has the left derivative where bin == j, the right one where bin == j - 1
+    onehot = ext[:k] - ext[1:]  # [bin == j], j = 0..K-1
+    g_d = (onehot[1:] * g_d0).addcmul_(onehot[:-1], g_d1).mul_(sig)
+    return grad_in, torch.cat([g_u.reshape(2 * k, *shape), g_d])
+
+
+class _FusedSpline(torch.autograd.Function):
+    """The spline as one autograd node (:func:`_fused_forward`, :func:`_fused_backward`); returns
+    ``(outputs, log-derivative)``, or only the outputs when ``logdet`` is ``False``."""
+
+    @staticmethod
+    def forward(ctx, v_in, theta, k, bound, inverse, logdet, min_bin_width, min_bin_height, min_derivative):
+        out, ld, saved = _fused_forward(v_in, theta, k, bound, inverse, logdet, min_bin_width, min_bin_height,
+                                        min_derivative, save=True)
+        ctx.save_for_backward(*saved)
+        ctx.options = (k, bound, inverse, min_bin_width, min_bin_height)
+        ctx.set_materialize_grads(False)
+        return (out, ld) if logdet else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_ld=None):
+        none = (None,) * 7
+        if grad_out is None and grad_ld is None:
+            return (None, None, *none)
+        k, bound, inverse, mw, mh = ctx.options
+        grad_in, grad_theta = _fused_backward(grad_out, grad_ld, ctx.saved_tensors, k, bound, inverse, mw, mh)
+        return grad_in, grad_theta, *none
+
+
 class RationalQuadraticCoupling(Coupling):
     r"""Coupling whose elementwise map is a rational-quadratic spline with identity tails.
 
@@ -214,6 +496,8 @@ class RationalQuadraticCoupling(Coupling):
             :math:`2B` (``num_bins * min < 1``).
         min_derivative: floor of the interior knots' derivatives (> 0).
         conditioner: a conditioner factory (see :mod:`~flowtransfer.flows.conditioner`).
+        implementation: ``"fused"`` (default: one autograd node with a hand-written backward) or
+            ``"autograd"`` (the reference tensor code); the same function either way.
 
     Shapes: ``(B, C, T) -> (B, C, T)``, log-det ``(B,)``.
     """
@@ -232,6 +516,7 @@ class RationalQuadraticCoupling(Coupling):
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
         conditioner: ConditionerFactory | None = None,
+        implementation: str = "fused",
     ):
         if int(num_bins) != num_bins or num_bins < 1:
             raise ValueError(f"num_bins must be an integer >= 1, got {num_bins}")
@@ -242,6 +527,8 @@ class RationalQuadraticCoupling(Coupling):
                 raise ValueError(f"{name} must be > 0 with num_bins * {name} < 1, got {value} for {num_bins} bins")
         if not 0 < min_derivative < 1:
             raise ValueError(f"min_derivative must lie in (0, 1), got {min_derivative}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown spline implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
         conditioner = resolve_conditioner(conditioner, hidden, kernel_size, activation)
         super().__init__(channels, conditioner, cond_channels)
         self.num_bins = int(num_bins)
@@ -249,6 +536,9 @@ class RationalQuadraticCoupling(Coupling):
         self.min_bin_width = float(min_bin_width)
         self.min_bin_height = float(min_bin_height)
         self.min_derivative = float(min_derivative)
+        #: ``"fused"`` or ``"autograd"`` (:data:`IMPLEMENTATIONS`): how the elementwise map is
+        #: computed, not what; a plain attribute, not saved with the parameters
+        self.implementation = implementation
         self.num_params = 3 * self.num_bins - 1
         self.build_conditioner()
 
@@ -258,18 +548,22 @@ class RationalQuadraticCoupling(Coupling):
             f"kernel_size={self.kernel_size}, cond_channels={self.cond_channels}"
         )
 
-    def _spline(self, v: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        k = self.num_bins
-        uwh = theta[: 2 * k].view(2, k, *theta.shape[1:])  # widths, heights: a view, no copy
-        out, logabsdet = _spline(v, uwh, theta[2 * k :], self.tail_bound, inverse, self.min_bin_width,
-                                 self.min_bin_height, self.min_derivative)
-        return out, logabsdet.sum((0, 2))
+    def _spline(self, v: Tensor, theta: Tensor, inverse: bool, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
+        out, logabsdet = spline_from_theta(
+            v, theta, self.num_bins, self.tail_bound, inverse=inverse, logdet=logdet,
+            min_bin_width=self.min_bin_width, min_bin_height=self.min_bin_height,
+            min_derivative=self.min_derivative, implementation=self.implementation,
+        )
+        return out, (logabsdet.sum((0, 2)) if logdet else None)
 
     def elementwise(self, xb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
         return self._spline(xb, theta, inverse=False)
 
     def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
         return self._spline(yb, theta, inverse=True)
+
+    def elementwise_inverse_nologdet(self, yb: Tensor, theta: Tensor) -> Tensor:
+        return self._spline(yb, theta, inverse=True, logdet=False)[0]
 
     def inverse_bound_transformed(self, radius: Tensor) -> Tensor:
         return radius.clamp_min(self.tail_bound)
@@ -285,10 +579,12 @@ def _spline_builder(
     min_bin_width: float = 1e-3,
     min_bin_height: float = 1e-3,
     min_derivative: float = 1e-3,
+    implementation: str = "fused",
 ) -> RationalQuadraticCoupling:
     return RationalQuadraticCoupling(
         channels, num_bins, tail_bound, cond_channels=cond_channels, min_bin_width=min_bin_width,
         min_bin_height=min_bin_height, min_derivative=min_derivative, conditioner=conditioner,
+        implementation=implementation,
     )
 
 

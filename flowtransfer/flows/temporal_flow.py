@@ -159,6 +159,11 @@ class FlowStep(ChannelMajorTransform):
             total = ld if total is None else total + ld
         return x, total
 
+    def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        for layer in reversed(self.layers):
+            x = layer.inverse_cm_nologdet(x, context)
+        return x
+
     def inverse_bound(self, radius: Tensor) -> Tensor:
         for layer in reversed(self.layers):
             radius = layer.inverse_bound(radius)
@@ -356,13 +361,26 @@ class TemporalFlow(Flow):
             total = total + ld
         return from_channel_major(x), total
 
+    def inverse_nologdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Noise to data without the log-det: the same ``x`` ``(B, C, T)`` as ``inverse(z)[0]``,
+        with no log-det computed (nor differentiated) in any layer (the spline couplings skip
+        their log-derivatives). What :meth:`from_latent` and :meth:`sample` run."""
+        self._check(z, "z")
+        steps = self.steps
+        ctx = steps[0].context_cm(context, z.shape[0], z.shape[2])
+        x = to_channel_major(z)
+        for step in reversed(steps):
+            x = step.inverse_cm_nologdet(x, ctx)
+        return from_channel_major(x)
+
     def to_latent(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``z = f(x)``, shape ``(B, C, T)``."""
         return self.forward(x, context)[0]
 
     def from_latent(self, z: Tensor, context: Tensor | None = None) -> Tensor:
-        """``x = f^{-1}(z)``, shape ``(B, C, T)``."""
-        return self.inverse(z, context)[0]
+        """``x = f^{-1}(z)``, shape ``(B, C, T)``, without computing the log-det
+        (:meth:`inverse_nologdet`; :meth:`inverse` when it is needed)."""
+        return self.inverse_nologdet(z, context)
 
     def transform_to_noise(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
         """nflows' name for :meth:`to_latent`."""
@@ -405,7 +423,7 @@ class TemporalFlow(Flow):
         then ``x = f^{-1}(z)``."""
         z = self._distribution.sample(num_samples, y, self._length(length, context), generator=generator,
                                       temperature=temperature)
-        return self.inverse(z, context)[0]
+        return self.inverse_nologdet(z, context)
 
     def sample_and_log_prob(
         self,
