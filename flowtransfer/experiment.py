@@ -383,7 +383,8 @@ def combine_budgets(stages: Sequence[tuple[str | None, Any]]) -> dict[str, Any]:
     final weights were selected, counted over the whole training (every earlier stage's steps plus
     the last stage's ``best_step``). ``stop_reason``: the last stage's (the one that produced the
     final weights). ``improving_at_stop``: True if **any** stage ended on its cap or the epoch
-    limit while still improving. Staged methods also get ``stage_stops``, for example
+    limit while still improving. ``valid_score``/``valid_monitor``: the last stage's selected validation
+    score and what it measures. Staged methods also get ``stage_stops``, for example
     ``"complete=plateau@120,recovery=cap@200"`` (each stage's stop reason and steps).
     """
     if not stages:
@@ -395,6 +396,8 @@ def combine_budgets(stages: Sequence[tuple[str | None, Any]]) -> dict[str, Any]:
         "best_step": earlier + int(last.best_step),
         "stop_reason": last.stop_reason,
         "improving_at_stop": any(bool(r.improving_at_stop) for _, r in stages),
+        "valid_score": float(last.best_score),
+        "valid_monitor": last.monitor,
     }
     if len(stages) > 1 or stages[0][0] is not None:
         out["stage_stops"] = ",".join(f"{name}={r.stop_reason}@{r.steps}" for name, r in stages)

@@ -205,15 +205,18 @@ def test_combine_budgets_over_stages() -> None:
     from flowtransfer.experiment import combine_budgets
     from flowtransfer.training import FitResult
 
-    def fit(steps, best, reason, improving):
-        return FitResult(best_epoch=0, best_score=0.0, monitor="acc", mode="max", steps=steps, best_step=best,
+    def fit(steps, best, reason, improving, score=0.0):
+        return FitResult(best_epoch=0, best_score=score, monitor="acc", mode="max", steps=steps, best_step=best,
                          stop_reason=reason, improving_at_stop=improving)
 
-    staged = combine_budgets([("complete", fit(30, 20, "cap", True)), ("recovery", fit(50, 10, "plateau", False))])
+    staged = combine_budgets([("complete", fit(30, 20, "cap", True, 0.9)),
+                              ("recovery", fit(50, 10, "plateau", False, 0.7))])
     assert staged == {"steps": 80, "best_step": 40, "stop_reason": "plateau", "improving_at_stop": True,
+                      "valid_score": 0.7, "valid_monitor": "acc",  # the stage that produced the final weights
                       "stage_stops": "complete=cap@30,recovery=plateau@50"}
     assert combine_budgets([(None, fit(7, 3, "epochs", False))]) == {
-        "steps": 7, "best_step": 3, "stop_reason": "epochs", "improving_at_stop": False}
+        "steps": 7, "best_step": 3, "stop_reason": "epochs", "improving_at_stop": False,
+        "valid_score": 0.0, "valid_monitor": "acc"}
 
 
 def test_rows_carry_the_budget_and_stages_share_the_cap(tmp_path) -> None:

@@ -520,7 +520,8 @@ def test_step_cap_is_exact_and_cuts_the_epoch():
     assert [r["steps"] for r in result.history] == [4, 8, 10]  # the cut epoch is validated too
     assert result.epochs_run == 3 and result.best_epoch == 2 and result.best_step == 10
     assert result.stop_reason == "cap" and result.improving_at_stop and not result.stopped_early
-    assert result.budget() == {"steps": 10, "best_step": 10, "stop_reason": "cap", "improving_at_stop": True}
+    assert result.budget() == {"steps": 10, "best_step": 10, "stop_reason": "cap", "improving_at_stop": True,
+                               "valid_score": result.best_score, "valid_monitor": "mae"}
 
 
 def test_stop_reason_in_each_case():

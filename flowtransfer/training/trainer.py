@@ -316,9 +316,12 @@ class FitResult:
 
     def budget(self) -> dict[str, Any]:
         """The budget fields as plain data: ``steps``, ``best_step``, ``stop_reason``,
-        ``improving_at_stop`` (the columns of a result row)."""
+        ``improving_at_stop``, and the selected epoch's validation score ``valid_score`` with its
+        name ``valid_monitor`` (the columns of a result row: the validation score beside the test
+        scores shows the gap between the split that selected the model and the one that scores it)."""
         return {"steps": self.steps, "best_step": self.best_step, "stop_reason": self.stop_reason,
-                "improving_at_stop": self.improving_at_stop}
+                "improving_at_stop": self.improving_at_stop, "valid_score": float(self.best_score),
+                "valid_monitor": self.monitor}
 
 
 #: the values of :attr:`FitResult.stop_reason`
