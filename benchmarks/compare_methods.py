@@ -566,6 +566,7 @@ def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, 
         lines.append("| steps | " + " | ".join(steps) + " | |")
         lines.append("| stopped on | " + " | ".join(stops) + " | |")
         lines.append("| train s | " + " | ".join(secs) + " | |")
+        lines += validation_lines(rows, methods)
         if flagged:
             lines += ["", "(!) stopped on the step cap or the epoch limit while still improving in some seed: "
                       "not converged at this budget"]
@@ -576,6 +577,30 @@ def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, 
     if missing:
         blocks.append(format_missing(missing))
     return f"### {key}\n\n" + "\n\n".join(blocks) + "\n"
+
+
+def validation_lines(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """Two table rows: each method's selected validation score (``valid_score``, the trainer's
+    monitor) and the same metric on the test split under the setting it was selected on (complete
+    data for methods trained on complete data, ``mr=0.3`` for the others: the runner's validation
+    mask), so the gap between the split that chose the model and the one that scores it shows."""
+    from flowtransfer.experiment import COMPLETE_DATA_METHODS
+    from flowtransfer.training.results import PERCENT_METRICS
+
+    monitors = {str(r.get("valid_monitor")) for r in rows if r.get("valid_monitor")}
+    if len(monitors) != 1:
+        return []
+    monitor = monitors.pop()
+    percent = monitor in PERCENT_METRICS
+    valid, test = [], []
+    for m in methods:
+        v = list({int(r["seed"]): float(r["valid_score"]) for r in rows
+                  if r["method"] == m and isinstance(r.get("valid_score"), (int, float))}.values())
+        valid.append(_fmt(v, percent) if v else "-")
+        setting = "complete" if m == "upper_bound" else ("mr=0.0" if m in COMPLETE_DATA_METHODS else "mr=0.3")
+        test.append(_fmt(_values(rows, m, setting, monitor), percent) + f" ({setting})")
+    return [f"| valid {monitor} (selection) | " + " | ".join(valid) + " | |",
+            f"| test {monitor}, same setting | " + " | ".join(test) + " | |"]
 
 
 def collect_rows(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
