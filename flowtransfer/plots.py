@@ -135,7 +135,8 @@ def plot_missing_rate_curves(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # settings of other protocols give no curve to label
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 
