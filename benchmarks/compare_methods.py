@@ -693,7 +693,8 @@ def pool_folds(rows_by_fold: Sequence[Sequence[dict[str, Any]]]) -> list[dict[st
     as the mean over folds weighted by each fold's test-sample count ``n`` (exactly the metric on the
     pooled test samples for accuracies and MAE; ``acc2_non0`` weights by ``n`` too, so it is exact up
     to the folds' shares of zero labels). Other metrics (correlations, F1 macro) do not pool and are
-    left out. Only (method, setting, seed) present in every fold are pooled."""
+    left out. Only (method, setting, seed) present in every fold are pooled. ``steps`` is the mean
+    over the folds' trainings; ``stop_reason`` the folds' common reason, or ``"mixed"``."""
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for rows in rows_by_fold:
         for r in rows:
@@ -709,8 +710,12 @@ def pool_folds(rows_by_fold: Sequence[Sequence[dict[str, Any]]]) -> list[dict[st
             values = [r.get(metric) for r in group]
             if total and all(isinstance(v, (int, float)) for v in values):
                 row[metric] = sum(w * v for w, v in zip(n, values)) / total
-        for key in ("steps", "improving_at_stop", "stop_reason"):
-            row[key] = group[0].get(key)
+        # budgets: the mean steps over the folds' trainings, "plateau" only if every fold stopped there
+        steps = [float(r["steps"]) for r in group if isinstance(r.get("steps"), (int, float))]
+        row["steps"] = sum(steps) / len(steps) if steps else None
+        reasons = {str(r.get("stop_reason")) for r in group}
+        row["stop_reason"] = reasons.pop() if len(reasons) == 1 else "mixed"
+        row["improving_at_stop"] = any(bool(r.get("improving_at_stop")) for r in group)
         pooled.append(row)
     return pooled
 
