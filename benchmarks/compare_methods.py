@@ -744,6 +744,71 @@ def report_pooled_folds(args: argparse.Namespace) -> None:
     print(f"[mosi_folds] pooled report written ({len(rows)} rows)", flush=True)
 
 
+#: the settings the comparison's summary reads DiCMoR against the best baseline at
+SUMMARY_SETTINGS = ("mr=0.3", "mr=0.5", "mr=0.7")
+
+
+def dicmor_vs_best(rows: Sequence[dict[str, Any]], metric: str, higher: bool,
+                   settings: Sequence[str] = SUMMARY_SETTINGS) -> list[dict[str, Any]]:
+    """Per setting: DiCMoR's mean, the best other non-bound method by mean, and DiCMoR minus it
+    paired by seed (:func:`paired_differences.paired_by_seed`); empty without a finished DiCMoR."""
+    from paired_differences import paired_by_seed
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    if "dicmor" not in methods:
+        return []
+    out = []
+    for s in settings:
+        best = _best(rows, methods, s, metric, higher, exclude="dicmor")
+        mine = _values(rows, "dicmor", s, metric)
+        if best is None or not mine:
+            continue
+        out.append({"setting": s, "dicmor": statistics.mean(mine), "best": best,
+                    "best_mean": statistics.mean(_values(rows, best, s, metric)),
+                    "diff": paired_by_seed(rows, metric, "dicmor", best, s)})
+    return out
+
+
+def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) -> None:
+    """``COMPARISON.md``: what was run (budgets, seeds), DiCMoR against the best baseline at MR 0.3 /
+    0.5 / 0.7 per dataset with paired 95% intervals, every cell still missing, then each dataset's
+    headline tables (rebuilt from the finished cells, never extrapolated)."""
+    from flowtransfer.training.results import PERCENT_METRICS
+
+    parts = ["# Every method on the same footing (issue 11)", "",
+             "Built by `python benchmarks/compare_methods.py --report-only --comparison benchmarks/COMPARISON.md` "
+             "from the finished cells only (one folder per dataset, method and seed). Budget rule: every method "
+             "trains to the validation plateau (early stopping, LR on plateau) under one cap of optimiser steps; "
+             "DiCMoR's two stages share that cap. `(!)` marks a method that hit the cap while still improving.", "",
+             "## DiCMoR against the best other method (bounds excluded), paired by seed", "",
+             "| dataset | setting | dicmor | best other | its score | dicmor - best [95% t] |", "|---|---|---|---|---|---|"]
+    blocks, missing_all = [], []
+    for key in keys:
+        rows = pool_folds([collect_rows(k, args) for k in ALIASES["mosi_folds"]]) if key == "mosi_folds" \
+            else collect_rows(key, args)
+        if not rows:
+            continue
+        task = "regression" if key == "mosi_folds" else SPECS[key].task
+        metric, higher = HEADLINE[task][0]
+        scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        for c in dicmor_vs_best(rows, metric, higher):
+            d = c["diff"]
+            parts.append(f"| {key} | {c['setting']} | {scale * c['dicmor']:.1f} | {c['best']} | "
+                         f"{scale * c['best_mean']:.1f} | {'-' if d is None else d.format(scale=scale, digits=1)} |")
+        name = "mosi_folds_pooled" if key == "mosi_folds" else key
+        head = Path(args.out) / f"compare_{name}{args.tag}_headline.md"
+        if head.exists():
+            budget = "" if key == "mosi_folds" else _budget_line(key, args) + "\n\n"
+            blocks.append(budget + head.read_text())
+        if key != "mosi_folds":
+            missing_all += missing_cells([key], args)
+    parts += ["", "`*`: the interval excludes 0. With one seed there is no interval.", "",
+              "## Missing cells (not run; nothing here is extrapolated)", "", format_missing(missing_all), ""]
+    parts += ["## Per dataset", ""] + blocks
+    path.write_text("\n".join(parts) + "\n")
+    print(f"comparison written to {path}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------------
@@ -789,6 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-patience", type=int, default=2,
                    help="epochs without improvement before the learning rate is halved (default 2)")
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--comparison", default=None,
+                   help="also write this COMPARISON.md from the finished cells (e.g. benchmarks/COMPARISON.md)")
     p.add_argument("--preset", default=None,
                    help="model preset for every method (small, avmnist, mosi, mosei; default: the dataset's, "
                         "see flowtransfer.methods.preset_for_dataset)")
@@ -853,6 +920,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_missing(missing_cells(args.datasets, args)), flush=True)
     if not args.plan and all(k in args.datasets for k in ALIASES["mosi_folds"]):
         report_pooled_folds(args)
+    if args.comparison and not args.plan:
+        keys = [k for k in args.datasets if not k.startswith("mosi_fold")]
+        if all(k in args.datasets for k in ALIASES["mosi_folds"]):
+            keys.append("mosi_folds")
+        write_comparison(keys, args, Path(args.comparison))
     print(f"total {time.perf_counter() - start:.0f} s; results in {args.out}", flush=True)
     return 0
 

@@ -136,3 +136,14 @@ def test_pool_folds_weights_each_fold_by_its_test_size():
     assert row["n"] == 400.0 and row["setting"] == "mr=0.0"
     assert abs(row["acc2_non0"] - 0.65) < 1e-12 and abs(row["mae"] - 1.75) < 1e-12
     assert "corr" not in row  # a correlation does not pool as a mean
+
+
+def test_dicmor_vs_best_pairs_dicmor_with_the_best_other_non_bound_method():
+    rows = []
+    for seed, (d, md, zf, ub) in enumerate([(0.70, 0.72, 0.50, 0.95), (0.71, 0.74, 0.52, 0.96), (0.69, 0.73, 0.49, 0.94)]):
+        for method, acc in (("dicmor", d), ("modality_dropout", md), ("zero_fill", zf), ("upper_bound", ub)):
+            rows.append({"method": method, "setting": "mr=0.5", "seed": seed, "acc": acc})
+    (c,) = suite.dicmor_vs_best(rows, "acc", True, settings=("mr=0.5",))
+    assert c["best"] == "modality_dropout"  # the bound is never "best"
+    assert abs(c["diff"].mean - (-0.03)) < 1e-12 and c["diff"].n == 3 and c["diff"].distinguishable
+    assert suite.dicmor_vs_best([r for r in rows if r["method"] != "dicmor"], "acc", True) == []
