@@ -222,15 +222,14 @@ def _markdown_table(summary: Sequence[Mapping[str, Any]], metric: str, reference
 
 
 def _transfer_figure(trained: Mapping[str, Any], test: Any, figures: Path) -> tuple[str, str] | None:
-    """Real against recovered features for one transfer by the first method that recovers
-    (every other modality present, the last one missing); ``(file name, caption)`` or None."""
+    """Real against recovered features for one transfer by the first method that recovers: the last
+    modality it recovers, every other one present; ``(file name, caption)`` or None."""
     from flowtransfer.experiment import _recovers
 
     for name, method in trained.items():
         if not _recovers(method):
             continue
         mods = list(test.modalities)
-        dst = mods[-1]
         keep = np.flatnonzero(test.mask.all(axis=1))[:600]
         if len(keep) < 10:
             return None
@@ -243,7 +242,15 @@ def _transfer_figure(trained: Mapping[str, Any], test: Any, figures: Path) -> tu
             from flowtransfer.plots import plot_recovery_projection, recovered_features
 
             view = test.subset(keep)
-            feats = recovered_features(method, view, dst)
+            # the last modality the method recovers (SMIL reconstructs only its m*)
+            for dst in reversed(mods):
+                try:
+                    feats = recovered_features(method, view, dst)
+                    break
+                except KeyError:
+                    continue
+            else:
+                continue
             others = {}
             try:  # a method that refines its recovery (DiCMoR): show the transfer before refinement too
                 others["before refinement"] = recovered_features(method, view, dst, refine=False)["recovered"]

@@ -87,3 +87,14 @@ def test_a_run_writes_references_and_a_report_whose_numbers_match_results_csv(tm
         line = next(l for l in report.splitlines() if l.startswith(f"| {setting} |"))
         assert f"{100 * acc:.1f} ± 0.0" in line, (method, setting, line)
     assert "flowtransfer run --dataset synthetic" in report
+
+
+def test_the_report_figure_uses_a_modality_the_method_recovers(tmp_path):
+    """SMIL reconstructs only its m* (text on the embedded data): the figure shows L, the run does not fail."""
+    out = tmp_path / "run"
+    cfg = ExperimentConfig(methods=("smil",), seeds=(0,), rates=(0.5,), patterns=False, preset="small", epochs=1,
+                           max_steps_per_epoch=2, progress=False, out=str(out),
+                           dataset_options={"n_train": 64, "n_valid": 32, "n_test": 48})
+    run_experiment(cfg, log=lambda _m: None)
+    assert (out / "figures" / "transfer_smil_L.png").is_file()
+    assert "figures/transfer_smil_L.png" in (out / "report.md").read_text()
