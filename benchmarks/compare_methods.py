@@ -750,8 +750,9 @@ SUMMARY_SETTINGS = ("mr=0.3", "mr=0.5", "mr=0.7")
 
 def dicmor_vs_best(rows: Sequence[dict[str, Any]], metric: str, higher: bool,
                    settings: Sequence[str] = SUMMARY_SETTINGS) -> list[dict[str, Any]]:
-    """Per setting: DiCMoR's mean, the best other non-bound method by mean, and DiCMoR minus it
-    paired by seed (:func:`paired_differences.paired_by_seed`); empty without a finished DiCMoR."""
+    """Per setting: DiCMoR's mean, the best other non-bound method by mean among those with at least
+    DiCMoR's number of seeds, and DiCMoR minus it paired by seed
+    (:func:`paired_differences.paired_by_seed`); empty without a finished DiCMoR."""
     from paired_differences import paired_by_seed
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -759,8 +760,10 @@ def dicmor_vs_best(rows: Sequence[dict[str, Any]], metric: str, higher: bool,
         return []
     out = []
     for s in settings:
-        best = _best(rows, methods, s, metric, higher, exclude="dicmor")
         mine = _values(rows, "dicmor", s, metric)
+        # candidates: methods with at least DiCMoR's seeds here (a mean over fewer seeds is not comparable)
+        full = [m for m in methods if m == "dicmor" or len(_values(rows, m, s, metric)) >= len(mine)]
+        best = _best(rows, full, s, metric, higher, exclude="dicmor")
         if best is None or not mine:
             continue
         out.append({"setting": s, "dicmor": statistics.mean(mine), "best": best,
@@ -781,6 +784,7 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
              "trains to the validation plateau (early stopping, LR on plateau) under one cap of optimiser steps; "
              "DiCMoR's two stages share that cap. `(!)` marks a method that hit the cap while still improving.", "",
              "## DiCMoR against the best other method (bounds excluded), paired by seed", "",
+             "Best other = the best mean among methods with at least DiCMoR's seeds in that cell.", "",
              "| dataset | setting | dicmor | best other | its score | dicmor - best [95% t] |", "|---|---|---|---|---|---|"]
     blocks, missing_all = [], []
     for key in keys:
