@@ -731,7 +731,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         log(f"training setting: only {cfg.train_eta:.0%} of training and validation samples have {scarce}")
     info = DatasetInfo.from_dataset(train)
     settings = cfg.settings(modalities)
-    if any(type(s).step_masks is not Setting.step_masks for s in settings):
+    if any(map(_removes_steps, settings)):
         for name in cfg.methods:  # refuse, before any training, a method that cannot respect step masks
             check_supports_steps(build_seeded(name, info, cfg, cfg.seeds[0]), name)
     log(f"dataset {cfg.dataset}: train/valid/test {len(train)}/{len(valid)}/{len(test)}, "
@@ -794,7 +794,7 @@ def _train_and_evaluate(
     for seed in cfg.seeds:
         masks = {s.name: s.mask(len(test), seed) for s in settings}
         steps = {}
-        for s in settings:  # step masks are drawn on the test view of the setting's modality mask
+        for s in filter(_removes_steps, settings):  # drawn on the test view of the setting's modality mask
             view, _, _ = _setting_view(test, masks[s.name])
             drawn = s.step_masks(view, seed) if view is not None and len(view) == len(test) else None
             if drawn is not None:
@@ -849,6 +849,11 @@ def _train_and_evaluate(
                 log(f"[seed {seed}] {name}: trained in {seconds:.0f} s, {budget['steps']} steps "
                     f"(best at {budget['best_step']}), stopped on {budget['stop_reason']}{improving}")
     return rows
+
+
+def _removes_steps(setting: Setting) -> bool:
+    """Whether ``setting`` can remove time steps (its class overrides :meth:`Setting.step_masks`)."""
+    return type(setting).step_masks is not Setting.step_masks
 
 
 def _realised_columns(setting: Setting, mask: np.ndarray, steps: Mapping[str, np.ndarray] | None,
