@@ -49,7 +49,11 @@ settings as rows, the headline metric, the best method per setting, the steps an
 the paired per-seed differences of every method against zero filling and against the best other
 method with 95% t intervals; ``*`` marks a difference distinguishable from zero),
 ``compare_<key>_curves.png`` (score against missing rate). Checkpoints, masks and the cells go to
-``--runs`` (default ``runs/compare``, ignored by git).
+``--runs`` (default ``runs/compare``, ignored by git); each finished cell's results and marker are
+also copied into the **ledger** ``--ledger`` (default ``<out>/cells``, committed with the tables), and
+a cell finished there counts as finished: a new checkout, which has no ``runs/``, rebuilds every
+table and runs only the cells still missing. ``--import-results compare_<key>_results.csv`` writes
+ledger cells from an older results file (each marker says ``restored_from``).
 
 Run::
 
@@ -230,12 +234,97 @@ def cell_settings(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in plain.items() if k not in _NOT_SETTINGS}
 
 
+def ledger_dir(args: argparse.Namespace) -> Path:
+    """The committed record of finished cells: ``--ledger``, default ``<out>/cells``."""
+    return Path(args.ledger) if args.ledger else Path(args.out) / "cells"
+
+
+def finished_marker(cell: Cell, args: argparse.Namespace) -> Path | None:
+    """The cell's finished marker: in ``--runs`` (where it ran), else in the ledger, else ``None``."""
+    for root in (Path(args.runs), ledger_dir(args)):
+        marker = cell.folder(root) / DONE
+        if marker.is_file():
+            return marker
+    return None
+
+
+def finished_markers(key: str, args: argparse.Namespace) -> dict[tuple[str, int], Path]:
+    """``(method, seed) -> marker`` of every finished cell of ``key``, the ledger's overridden by
+    ``--runs``'s (the same cell in both is the same result; the run folder is the newer copy)."""
+    found: dict[tuple[str, int], Path] = {}
+    for root in (ledger_dir(args), Path(args.runs)):
+        for marker in (root / key).glob(f"*/seed*/{DONE}"):
+            found[(marker.parent.parent.name, int(marker.parent.name[4:]))] = marker
+    return dict(sorted(found.items()))
+
+
+#: the files of a finished cell kept in the ledger (checkpoints and masks stay in ``--runs``)
+LEDGER_FILES = ("results.csv", "config.json", "failures.json")
+
+
+def archive_cell(cell: Cell, args: argparse.Namespace) -> Path:
+    """Copy a finished cell's results and marker from ``--runs`` into the ledger, the marker last,
+    so that a new checkout (which has no ``runs/``) still knows the cell is finished and can rebuild
+    every table from it."""
+    from flowtransfer.io import atomic_write_text
+
+    src, dst = cell.folder(args.runs), cell.folder(ledger_dir(args))
+    for name in (*LEDGER_FILES, DONE):
+        if (src / name).is_file():
+            atomic_write_text(dst / name, (src / name).read_text())
+    return dst
+
+
+def sync_ledger(key: str, args: argparse.Namespace) -> list[Cell]:
+    """Archive every cell of ``key`` finished in ``--runs`` whose marker the ledger lacks or holds in
+    another version (cells run by an older version of this script, or copied in by hand)."""
+    synced = []
+    for marker in (Path(args.runs) / key).glob(f"*/seed*/{DONE}"):
+        cell = Cell(key, marker.parent.parent.name, int(marker.parent.name[4:]))
+        kept = cell.folder(ledger_dir(args)) / DONE
+        if not kept.is_file() or kept.read_text() != marker.read_text():
+            archive_cell(cell, args)
+            synced.append(cell)
+    return synced
+
+
+def import_results(path: str | Path, key: str, args: argparse.Namespace) -> list[Cell]:
+    """Write one ledger cell per (method, seed) of a ``compare_<key>_results.csv`` built by this
+    script, under the *current* arguments' settings (so call it with the arguments that produced the
+    file; its budget line says which). Each marker records ``restored_from``: the rows are the file's,
+    unchanged; nothing is rerun. For recovering the cells of a checkout whose ``runs/`` was lost."""
+    from flowtransfer.io import atomic_write_json
+    from flowtransfer.training.results import budget_records, read_results, write_results
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in read_results(path):
+        if r.get("dataset") != key:
+            raise ValueError(f"{path}: a row of dataset {r.get('dataset')!r}, expected {key!r}")
+        groups.setdefault((str(r["method"]), int(r["seed"])), []).append(r)
+    cells = []
+    for (method, seed), rows in sorted(groups.items()):
+        cell = Cell(key, method, seed)
+        folder = cell.folder(ledger_dir(args))
+        write_results(rows, folder, name="results")
+        (folder / "results.json").unlink()
+        budget = budget_records(rows)
+        atomic_write_json(folder / DONE, {
+            "cell": str(cell), "restored_from": str(path), "seconds": rows[0].get("train_seconds"),
+            "rows": len(rows), "settings": cell_settings(cell_config(cell, args)),
+            "budget": {k: budget[0][k] for k in ("steps", "best_step", "stop_reason", "improving_at_stop")}
+            if budget else None,
+        })
+        cells.append(cell)
+    return cells
+
+
 def cell_state(cell: Cell, args: argparse.Namespace, cfg: Any | None = None) -> str:
-    """``"done"`` (finished marker present, same settings), ``"stale"`` (finished under other
-    settings), ``"partial"`` (started, not finished) or ``"new"``; without ``cfg`` any marker is done."""
+    """``"done"`` (finished marker present in ``--runs`` or the ledger, same settings), ``"stale"``
+    (finished under other settings), ``"partial"`` (started, not finished) or ``"new"``; without
+    ``cfg`` any marker is done."""
     folder = cell.folder(args.runs)
-    marker = folder / DONE
-    if marker.is_file():
+    marker = finished_marker(cell, args)
+    if marker is not None:
         if cfg is None:
             return "done"
         try:
@@ -298,6 +387,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, failures: dict[str, str]) -> 
         "device": cfg.resolved_device(), "rows": len(rows), "settings": cell_settings(cfg),
         "budget": {k: budget[0][k] for k in ("steps", "best_step", "stop_reason", "improving_at_stop")} if budget else None,
     })
+    archive_cell(cell, args)
     stop = f", {budget[0]['steps']} steps, stopped on {budget[0]['stop_reason']}" if budget else ""
     flag = " while still improving (!)" if budget and budget[0]["improving_at_stop"] else ""
     return f"done in {seconds:.0f} s{stop}{flag}"
@@ -317,25 +407,28 @@ def run_keys(keys: Sequence[str], args: argparse.Namespace) -> None:
         except FileNotFoundError as err:
             print(f"[{key}] skipped: {err}", file=sys.stderr, flush=True)
             continue
-        runs = Path(args.runs) / key
-        failures = _read_failures(runs)
+        runs, ledger = Path(args.runs) / key, ledger_dir(args) / key
+        failures = _read_failures(runs, ledger)
         for cell in mine:
             outcome = run_cell(cell, args, failures)
             print(f"[{cell}] {outcome}", flush=True)
-            _write_failures(runs, failures)
+            _write_failures(runs, failures, ledger)
         report_key(key, args)
 
 
-def _read_failures(runs: Path) -> dict[str, str]:
-    path = runs / "failures.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_failures(runs: Path, ledger: Path | None = None) -> dict[str, str]:
+    for path in (runs / "failures.json", *((ledger / "failures.json",) if ledger else ())):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
 
 
-def _write_failures(runs: Path, failures: dict[str, str]) -> None:
+def _write_failures(runs: Path, failures: dict[str, str], ledger: Path | None = None) -> None:
     from flowtransfer.io import atomic_write_json
 
-    runs.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(runs / "failures.json", failures)
+    for folder in (runs, *((ledger,) if ledger else ())):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "failures.json", failures)
 
 
 def missing_cells(keys: Sequence[str], args: argparse.Namespace) -> list[Cell]:
@@ -607,10 +700,8 @@ def collect_rows(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows of every finished cell of ``key`` (restricted to ``--methods``/``--seeds`` when given)."""
     from flowtransfer.training.results import read_results
 
-    runs = Path(args.runs) / key
     rows: list[dict[str, Any]] = []
-    for marker in sorted(runs.glob(f"*/seed*/{DONE}"), key=lambda p: (p.parent.parent.name, int(p.parent.name[4:]))):
-        method, seed = marker.parent.parent.name, int(marker.parent.name[4:])
+    for (method, seed), marker in finished_markers(key, args).items():
         if args.methods and method not in args.methods:
             continue
         if args.seeds is not None and seed not in args.seeds:
@@ -626,7 +717,7 @@ def _budget_line(key: str, args: argparse.Namespace) -> str:
     keep = ("preset", "epochs", "max_steps", "early_stop_patience", "lr_plateau_patience", "batch_size", "lr",
             "max_steps_per_epoch", "dataset_options", "train_eta", "train_eta_modality")
     seen: dict[str, None] = {}
-    for marker in sorted((Path(args.runs) / key).glob(f"*/seed*/{DONE}")):
+    for marker in finished_markers(key, args).values():
         s = json.loads(marker.read_text()).get("settings", {})
         seen.setdefault(", ".join(f"{k}={s.get(k)}" for k in keep), None)
     if not seen:
@@ -642,8 +733,9 @@ def report_key(key: str, args: argparse.Namespace) -> None:
     from flowtransfer.training.results import UNCONVERGED_MARK, format_budget_table, unconverged, write_results
 
     spec = SPECS[key]
+    sync_ledger(key, args)
     rows = collect_rows(key, args)
-    failures = _read_failures(Path(args.runs) / key)
+    failures = _read_failures(Path(args.runs) / key, ledger_dir(args) / key)
     missing = missing_cells([key], args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -873,6 +965,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="the shared data folder (default: flowtransfer's lookup)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
+    p.add_argument("--ledger", default=None,
+                   help="the committed record of finished cells (results and markers, no checkpoints; default "
+                        "<out>/cells): a cell finished there counts as finished, so a new checkout resumes the suite")
+    p.add_argument("--import-results", default=None, metavar="CSV",
+                   help="write ledger cells from a compare_<key>_results.csv of the one key given in --datasets, "
+                        "under this command's settings (recovering cells whose runs folder was lost); runs nothing")
     p.add_argument("--tag", default="", help="suffix of the result file names (e.g. _long for another budget)")
     p.add_argument("--force", action="store_true", help="rerun the named cells even when finished")
     p.add_argument("--skip-done", action="store_true", help=argparse.SUPPRESS)  # finished cells are always skipped
@@ -914,6 +1012,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.data_root = str(shared_data_dir())
     start = time.perf_counter()
+    if args.import_results:
+        if len(args.datasets) != 1:
+            print("error: --import-results needs exactly one key in --datasets", file=sys.stderr)
+            return 2
+        cells = import_results(args.import_results, args.datasets[0], args)
+        print(f"imported {len(cells)} cells into {ledger_dir(args) / args.datasets[0]}", flush=True)
+        return 0
     if args.plan:
         plan(args.datasets, args)
     elif args.report_only:

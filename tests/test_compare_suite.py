@@ -110,6 +110,7 @@ def test_finished_cells_are_skipped_and_tables_rebuilt(partial_suite, capsys) ->
     cell = tmp / "runs" / "synthetic" / "mean_fill" / "seed1"
     first = (cell / "results.csv").read_text()
     (cell / "DONE.json").unlink()
+    (tmp / "out" / "cells" / "synthetic" / "mean_fill" / "seed1" / "DONE.json").unlink()  # and its ledger copy
     assert suite.main(_argv(tmp, "mean_fill", "1,")) == 0
     assert (cell / "DONE.json").is_file()
     strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]  # noqa: E731 - train_seconds last
@@ -118,6 +119,36 @@ def test_finished_cells_are_skipped_and_tables_rebuilt(partial_suite, capsys) ->
     capsys.readouterr()
     assert suite.main([*_argv(tmp, "mean_fill", "1,"), "--max-steps", "6"]) == 0  # the last --max-steps wins
     assert "finished under other settings" in capsys.readouterr().out
+
+
+def test_the_ledger_survives_the_loss_of_the_runs_folder(partial_suite, tmp_path, capsys) -> None:
+    """A new checkout has the committed ledger (``<out>/cells``) and no ``runs/``: it rebuilds the
+    same tables, skips the finished cell and runs only the missing ones."""
+    import shutil
+
+    kept = partial_suite / "out" / "cells" / "synthetic" / "zero_fill" / "seed0"
+    assert {p.name for p in kept.iterdir()} == {"results.csv", "config.json", "DONE.json"}  # no checkpoints
+    fresh = tmp_path / "checkout"
+    shutil.copytree(partial_suite / "out", fresh / "out")  # what git holds; no runs/
+    argv = _argv(fresh, "zero_fill", "0,")
+    args = suite.build_parser().parse_args(argv)
+    ran = suite.collect_rows("synthetic", suite.build_parser().parse_args(_argv(partial_suite, "zero_fill", "0,")))
+    assert suite.collect_rows("synthetic", args) == ran and ran
+    capsys.readouterr()
+    assert suite.main(argv) == 0
+    assert "[synthetic/zero_fill/seed0] finished before: skipped" in capsys.readouterr().out
+    assert not (fresh / "runs" / "synthetic" / "zero_fill").exists()  # nothing ran
+    # a results file imported into an empty ledger gives the same rows, each marker saying where from
+    other = tmp_path / "imported"
+    imported = [*argv[:argv.index("--out")], "--out", str(other), *argv[argv.index("--out") + 2:],
+                "--import-results", str(fresh / "out" / "compare_synthetic_results.csv")]
+    assert suite.main(imported) == 0
+    marker = json.loads((other / "cells" / "synthetic" / "zero_fill" / "seed0" / "DONE.json").read_text())
+    assert marker["restored_from"].endswith("compare_synthetic_results.csv")
+    assert marker["settings"] == json.loads((kept / "DONE.json").read_text())["settings"]
+    again = suite.collect_rows("synthetic", suite.build_parser().parse_args(imported))
+    assert [{k: r[k] for k in ("method", "setting", "seed", "acc")} for r in again] == \
+        [{k: r[k] for k in ("method", "setting", "seed", "acc")} for r in ran]
 
 
 def test_plan_measures_time_and_lists_cells(tmp_path, capsys) -> None:
