@@ -179,12 +179,14 @@ def test_decoder_loss_value_and_weight():
         h = model.extractors(b.features, b.mask)
         expect = np.mean([float(torch.mean((model.decoders[m](h[m]) - b.features[m]) ** 2)) for m in DIMS])
         loss, parts = model.loss(b)
+        parts = {k: float(v) for k, v in parts.items()}
     assert parts["dec"] == pytest.approx(expect, rel=1e-5)
     assert float(loss) == pytest.approx(parts["task"], rel=1e-6)  # weight 0: the total is the task loss
     model2 = tiny(ds, input_decoder_weight=2.0)
     model2.set_stage("complete")
     with torch.no_grad():
         loss2, parts2 = model2.loss(b)
+        parts2 = {k: float(v) for k, v in parts2.items()}
     assert float(loss2) == pytest.approx(parts2["task"] + 2.0 * parts2["dec"], rel=1e-5)
 
 

@@ -747,3 +747,65 @@ def test_resume_with_specialists_matches_uninterrupted_run(tmp_path):
     again, c = _specialists_run(tmp_path / "split", 6, True, init_seed=7)
     assert c.epochs_run == 6 and len(c.history) == 6
     assert_same(params_of(straight), params_of(again))
+
+
+class TensorParts(PooledLinear):
+    """Logs its parts as detached tensors (the contract's sync-free form)."""
+
+    def loss(self, batch):
+        out = self.predict(batch)
+        loss = nn.functional.mse_loss(out, batch.labels)
+        return loss, {"task": loss.detach(), "half": 0.5 * loss.detach()}
+
+
+#: where batches are assembled on the host before ``batch.to(device)``: reads there touch no device
+_HOST_SIDE = (os.sep + os.path.join("flowtransfer", "data") + os.sep, os.path.join("torch", "utils", "data"))
+
+
+def _host_reads_in_one_epoch(monkeypatch, n: int, batch_size: int) -> tuple[int, dict]:
+    """Count Tensor -> Python conversions (``float``, ``int``, ``bool``, ``item``, ``tolist``) in one
+    epoch, outside the host-side batch assembly (the optimiser's CPU step counters included)."""
+    import sys
+
+    reads = {"count": 0}
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if not any(part in caller for part in _HOST_SIDE):
+                reads["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    seed_everything(0)
+    trainer = Trainer(TensorParts(), TrainConfig(epochs=1, batch_size=batch_size, lr=0.05, **QUIET))
+    train = make_data(n, 0)
+    trainer.method.train()
+    record = trainer.train_epoch(train, 0)
+    monkeypatch.undo()
+    return reads["count"], record
+
+
+def test_a_training_epoch_reads_the_device_a_fixed_number_of_times(monkeypatch):
+    """No host synchronisation per step: 2 steps and 12 steps read the device equally often, and the
+    logged means equal the per-step losses averaged on the host."""
+    few, _ = _host_reads_in_one_epoch(monkeypatch, 16, 8)
+    many, record = _host_reads_in_one_epoch(monkeypatch, 96, 8)
+    assert few == many and many <= 4
+    seed_everything(0)
+    method = TensorParts()
+    trainer = Trainer(method, TrainConfig(epochs=1, batch_size=8, lr=0.05, **QUIET))
+    losses, weights = [], []
+    batches, count = trainer._train_batches(make_data(96, 0), 0)
+    for _, batch in zip(range(count), batches):
+        trainer.optimizer.zero_grad()
+        loss, _ = method.loss(batch)
+        losses.append(float(loss.detach()))
+        weights.append(len(batch.labels))
+        loss.backward()
+        trainer._clip()
+        trainer.optimizer.step()
+    expected = sum(v * w for v, w in zip(losses, weights)) / sum(weights)
+    assert record["loss"] == pytest.approx(expected, rel=1e-6)
+    assert record["loss/half"] == pytest.approx(0.5 * expected, rel=1e-6)

@@ -2,7 +2,7 @@ r"""The one interface every method (DiCMoR, the bounds, the baselines) implement
 
 A method is an ``nn.Module`` that turns a :class:`~flowtransfer.data.Batch` into
 
-* a training loss: ``loss(batch) -> (scalar, {name: float})`` (the dict holds the logged parts);
+* a training loss: ``loss(batch) -> (scalar, {name: float or 0-dim tensor})`` (the logged parts);
 * predictions: ``predict(batch) -> (B,)`` for regression or ``(B, K)`` logits for classification,
   **never reading labels** and never reading absent slots (they hold NaN; the mask is the truth);
 * optionally recovered features: ``recover(batch) -> {modality: (B, d, T)}`` in the method's shared
@@ -156,7 +156,10 @@ class Method(nn.Module, abc.ABC):
     Contract:
 
     * ``loss(batch) -> (loss, parts)``: ``loss`` a scalar tensor to minimise, ``parts`` a dict of
-      Python floats (the logged terms, the total included under ``"loss"``). May read labels.
+      the logged terms (the total included under ``"loss"``), each a Python float or a detached
+      0-dim tensor: the trainer sums tensors on the device and reads them once per epoch, so
+      returning ``x.detach()`` rather than ``float(x)`` keeps the step free of host synchronisation.
+      May read labels.
     * ``predict(batch) -> Tensor``: ``(B,)`` regression outputs or ``(B, K)`` logits. Never reads
       labels, never reads absent slots (``batch.mask`` False), whatever they hold.
     * ``recover(batch) -> {m: (B, d, T)}``: recovered features of every modality absent in at
@@ -192,7 +195,7 @@ class Method(nn.Module, abc.ABC):
         return self.info.task
 
     @abc.abstractmethod
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Scalar training loss and its logged parts."""
 
     @abc.abstractmethod

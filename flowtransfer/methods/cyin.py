@@ -410,7 +410,7 @@ class CyIN(Method):
         return out
 
     # ------------------------------------------------------------------ loss
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         self._check_batch(batch)
         opt = self.options
         beta, kw = opt["beta"], opt["kl_weight"]
@@ -472,8 +472,8 @@ class CyIN(Method):
         pred = self._fuse(self._recover(lat, avail))
         task = self._task_loss(pred, batch.labels)
         total = task + (tib + lib) / beta + gamma * tran
-        parts = {"task": float(task.detach()), "tib": float(tib.detach()), "lib": float(lib.detach()),
-                 "tran": float(tran.detach()), "stage": float(stage), "loss": float(total.detach())}
+        parts = {"task": task.detach(), "tib": tib.detach(), "lib": lib.detach(),
+                 "tran": tran.detach(), "stage": float(stage), "loss": total.detach()}
         return total, parts
 
     def _per_sample(self, pred: Tensor, target: Tensor) -> Tensor:

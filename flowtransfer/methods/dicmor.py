@@ -588,7 +588,7 @@ class DiCMoR(Method):
             rec = self._recover(avail, lat, rows)
         return self._fuse(h, avail, rec)
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Training loss under the current stage; parts: ``loss``, ``task``, ``nll``, ``nll_<m>``,
         ``rec``, ``sim_missing_rate``."""
         self._check_batch(batch)
@@ -597,12 +597,12 @@ class DiCMoR(Method):
             h = self._extract(batch)
             pred = self.head(self.fusion(h, batch.mask))
             task = self._task_loss(pred, target)
-            parts = {"task": float(task.detach())}
+            parts = {"task": task.detach()}
             dec = self._decoder_loss(batch, h)
             if dec is not None:
                 task = task + self._r.input_decoder_weight * dec
-                parts["dec"] = float(dec.detach())
-            return task, {"loss": float(task.detach()), **parts}
+                parts["dec"] = dec.detach()
+            return task, {"loss": task.detach(), **parts}
 
         h = self._extract(batch)
         data = batch.mask
@@ -640,18 +640,18 @@ class DiCMoR(Method):
         task = self._task_loss(pred, target)
         total = task + self._r.nll_weight * nll + self._r.rec_weight * rec_loss
         parts = {
-            "loss": float(total.detach()),
-            "task": float(task.detach()),
-            "nll": float(nll.detach()),
-            "rec": float(rec_loss.detach()),
+            "loss": total.detach(),
+            "task": task.detach(),
+            "nll": nll.detach(),
+            "rec": rec_loss.detach(),
             "sim_missing_rate": float(1.0 - sim.float().mean()),
         }
-        parts.update({f"nll_{m}": float(v.detach()) for m, v in nll_parts.items()})
+        parts.update({f"nll_{m}": v.detach() for m, v in nll_parts.items()})
         dec = self._decoder_loss(batch, h)
         if dec is not None:
             total = total + self._r.input_decoder_weight * dec
-            parts["dec"] = float(dec.detach())
-            parts["loss"] = float(total.detach())
+            parts["dec"] = dec.detach()
+            parts["loss"] = total.detach()
         return total, parts
 
 

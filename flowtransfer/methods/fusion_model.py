@@ -226,13 +226,13 @@ class FusionModel(Method):
         """``(B,)`` or ``(B, K)``; absent inputs filled first (labels never read)."""
         return self._forward(batch)
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Task loss on the (optionally modality-dropped, then filled) batch."""
         if self.config.train_missing_rate is not None:
             gen = self.simulation_generator(batch)
             batch = simulate_missing(batch, rate=self.config.train_missing_rate, generator=gen)
         task = self._task_loss(self._forward(batch), batch.labels)
-        value = float(task.detach())
+        value = task.detach()
         return task, {"loss": value, "task": value}
 
     def encode(self, batch: Batch) -> dict[str, Tensor]:

@@ -468,7 +468,7 @@ class MMANet(Method):
         return self.student.encode(batch)
 
     # ------------------------------------------------------------------ loss
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         self._check_batch(batch)
         opt = self.options
         epoch = int(self.epoch)
@@ -478,7 +478,7 @@ class MMANet(Method):
                                    generator=self.generator) if self.training else batch
         pred, z_s = self._student(dropped)
         task = self.student._task_loss(pred, batch.labels)
-        parts = {"task": float(task.detach())}
+        parts = {"task": task.detach()}
         total = task
         complete = batch.mask.all(dim=1)
         if not self.distilling and not self.pretrained_teacher:
@@ -489,7 +489,7 @@ class MMANet(Method):
                 if self.teacher_aux is not None:
                     t_loss = t_loss + F.cross_entropy(t_logits[rows], prior_labels(batch, self.info)[rows])
                 total = total + t_loss
-                parts["teacher"] = float(t_loss.detach())
+                parts["teacher"] = t_loss.detach()
         if self.distilling:
             mad = task.new_zeros(())
             if int(complete.sum()) >= 2:
@@ -502,8 +502,8 @@ class MMANet(Method):
             per = _per_sample_loss(self.task, self.regulariser(z_s), batch.labels)
             mar = (per * in_weak.to(per.dtype)).sum() / len(batch)
             total = total + opt["lambda_mad"] * mad + opt["lambda_mar"] * mar
-            parts.update(mad=float(mad.detach()), mar=float(mar.detach()))
-        parts["loss"] = float(total.detach())
+            parts.update(mad=mad.detach(), mar=mar.detach())
+        parts["loss"] = total.detach()
         return total, parts
 
 

@@ -358,7 +358,7 @@ class Unimodal(Method):
         mean = (self.label_sum / self.label_count.clamp_min(1.0)).to(dtype)
         return mean.expand(b).clone()
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """The backbone's task loss on the samples that have the modality."""
         self._check_batch(batch)
         if self.training and not bool(self.prior_fixed):
@@ -368,7 +368,7 @@ class Unimodal(Method):
             loss = zero_loss(self)
             return loss, {"loss": 0.0, "task": 0.0}
         loss, _ = self.model.loss(restrict_batch(batch, (self.modality,), rows))
-        value = float(loss.detach())
+        value = loss.detach()
         return loss, {"loss": value, "task": value}
 
     def predict(self, batch: Batch) -> Tensor:
@@ -644,7 +644,7 @@ class Specialists(Method):
         self._latest = {k: v.detach().clone() for k, v in self._selection_state().items()}
 
     # ------------------------------------------------------------------ interface
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Sum over patterns of the specialist's task loss on the samples that have the pattern."""
         self._check_batch(batch)
         total: Tensor | None = None
@@ -655,11 +655,11 @@ class Specialists(Method):
             if not bool(rows.any()):
                 continue
             loss, _ = self.models[self.key(p)].loss(restrict_batch(batch, p, rows))
-            parts[f"task_{self.key(p)}"] = float(loss.detach())
+            parts[f"task_{self.key(p)}"] = loss.detach()
             total = loss if total is None else total + loss
         if total is None:  # cannot happen for a valid batch (every row has some modality)
             total = zero_loss(self.models)
-        parts["loss"] = float(total.detach())
+        parts["loss"] = total.detach()
         return total, parts
 
     def predict(self, batch: Batch) -> Tensor:
@@ -849,7 +849,7 @@ class AEImpute(Method):
     def encode(self, batch: Batch) -> dict[str, Tensor]:
         return self.net.encode(batch)
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         self._check_batch(batch)
         kept = simulate_missing(batch, rate=self.rate, generator=self.generator).mask if self.training else batch.mask
         filled, aux = self._impute(batch, kept)
@@ -865,7 +865,7 @@ class AEImpute(Method):
                     errs.append(diff.pow(2).mean(dim=(1, 2)))
             rec = torch.cat(errs).mean()
         total = task + self.recon_weight * rec
-        return total, {"loss": float(total.detach()), "task": float(task.detach()), "recon": float(rec.detach())}
+        return total, {"loss": total.detach(), "task": task.detach(), "recon": rec.detach()}
 
 
 @register_method("ae_impute")

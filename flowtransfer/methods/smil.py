@@ -480,7 +480,7 @@ class SMIL(Method):
             feats[self.missing_modality] = torch.full_like(x, float("nan"))
         return Batch(features=feats, mask=mask, labels=batch.labels[rows], modalities=batch.modalities)
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Algorithm 1 on one batch: inner step on :math:`\\mathcal D^m`, outer loss on :math:`\\mathcal D^f`."""
         self._check_batch(batch)
         opt = self.options
@@ -494,8 +494,8 @@ class SMIL(Method):
             pred, kl, _ = self._run(None, d_m, torch.ones(len(d_m), dtype=torch.bool, device=has.device), sample)
             task = self._task(pred, d_m.labels)
             total = task + opt["kl_weight"] * kl.mean()
-            parts.update(inner=float(task.detach()), kl=float(kl.mean().detach()))
-            parts["loss"] = float(total.detach())
+            parts.update(inner=task.detach(), kl=kl.mean().detach())
+            parts["loss"] = total.detach()
             return total, parts
         d_f = self._sub(batch, complete)
         d_m = self._sub(batch, incomplete) if bool(incomplete.any()) else self._sub(batch, complete, hide_star=True)
@@ -539,8 +539,8 @@ class SMIL(Method):
             total = total + inner_total
         if meta and not total.requires_grad:  # pragma: no cover - defensive
             total = total + zero_loss(self)
-        parts.update(inner=float(inner_total.detach()), outer=float(outer.detach()), kl=float(kl.detach()),
-                     feature_match=float(match.detach()), loss=float(total.detach()))
+        parts.update(inner=inner_total.detach(), outer=outer.detach(), kl=kl.detach(),
+                     feature_match=match.detach(), loss=total.detach())
         return total, parts
 
 

@@ -335,7 +335,7 @@ class _LossModule(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor | float]]:
         return self.method.loss(batch)
 
 
@@ -545,15 +545,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ steps
 
-    def _clip(self) -> float:
+    def _clip(self) -> Tensor | float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return 0.0
         if self.config.grad_clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.config.grad_clip_value)
         max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()  # stays on the device: no sync
 
     def train_epoch(self, dataset: Any, epoch: int) -> dict[str, float]:
         """One pass over (this rank's share of) ``dataset``; returns sample-weighted mean losses.
@@ -566,11 +565,17 @@ class Trainer:
         """
         batches, count = self._train_batches(dataset, epoch)
         self.method.train()
-        sums: dict[str, float] = {}
+        # Sums stay on the device (float64, so the logged means equal the old host-side sums) and are
+        # read once at the end of the epoch: no host synchronisation per step, so an accelerator
+        # never waits on the host. A progress bar reads each step's loss (it shows it) and checks it
+        # at once; without one, a non-finite loss is found at the end of the epoch, naming its step.
+        sums: dict[str, Tensor | float] = {}
         counts: dict[str, float] = {}
+        step_losses: list[Tensor] = []
 
-        def add(key: str, value: float, weight: int) -> None:
-            sums[key] = sums.get(key, 0.0) + value * weight
+        def add(key: str, value: Tensor | float, weight: int) -> None:
+            term = value.detach().double() * weight if isinstance(value, Tensor) else float(value) * weight
+            sums[key] = sums[key] + term if key in sums else term
             counts[key] = counts.get(key, 0.0) + weight
 
         seen = 0
@@ -588,32 +593,28 @@ class Trainer:
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
                     shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                     raise TypeError(f"{type(self.method).__name__}.loss must return a scalar Tensor, got {shape}")
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"training loss is {value} at epoch {epoch}, step {step} of {type(self.method).__name__}; "
-                        "absent modalities hold NaN, so a method that reads one without consulting batch.mask "
-                        "produces this (or the optimisation diverged: lower lr or clip gradients)"
-                    )
                 if not loss.requires_grad:
                     raise RuntimeError(
                         f"{type(self.method).__name__}.loss returned a tensor without gradient: "
                         "no trainable parameter contributes to it"
                     )
+                step_losses.append(loss.detach())
+                if bar is not None:
+                    self._check_losses(step_losses[-1:], epoch, step)
                 loss.backward()
                 grad_norm = self._clip()
                 self.optimizer.step()
                 self.steps += 1
                 b = len(batch.labels)
                 seen += b
-                add("loss", value, b)
+                add("loss", loss, b)
                 add("grad_norm", grad_norm, b)
                 for key, part in parts.items():
                     if key != "loss":  # the total is logged already
-                        add(f"loss/{key}", float(part), b)
+                        add(f"loss/{key}", part, b)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4f}")
+                    bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}")
         finally:
             if bar is not None:
                 bar.close()
@@ -622,7 +623,25 @@ class Trainer:
                 f"epoch {epoch}: no training batches (n={len(dataset)}, batch_size={self.config.batch_size}, "
                 f"drop_last={self.config.drop_last})"
             )
-        return weighted_means(sums, counts)
+        self._check_losses(step_losses, epoch, 0)
+        keys = list(sums)
+        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device)
+                              for k in keys]).tolist()  # the epoch's one read of the device
+        return weighted_means(dict(zip(keys, values)), counts)
+
+    def _check_losses(self, losses: list[Tensor], epoch: int, first_step: int) -> None:
+        """Raise :class:`FloatingPointError` naming the first non-finite loss of ``losses`` (steps
+        ``first_step, first_step + 1, ...`` of ``epoch``); one host read."""
+        finite = torch.isfinite(torch.stack(losses))
+        if bool(finite.all()):
+            return
+        bad = int((~finite).nonzero()[0, 0])
+        value = float(losses[bad])
+        raise FloatingPointError(
+            f"training loss is {value} at epoch {epoch}, step {first_step + bad} of {type(self.method).__name__}; "
+            "absent modalities hold NaN, so a method that reads one without consulting batch.mask "
+            "produces this (or the optimisation diverged: lower lr or clip gradients)"
+        )
 
     def validate(self, dataset: Any) -> dict[str, float]:
         """Validation metrics (and validation loss when the monitor is a loss), no gradients.
