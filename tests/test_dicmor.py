@@ -281,7 +281,14 @@ def test_one_inverse_per_target_and_no_flow_work_when_complete():
             return inv(z, context)
 
         flow.inverse_nologdet = counting
-        flow.register_forward_hook(lambda mod, i, o, m=m: fwd.__setitem__(m, fwd[m] + 1))  # returns None
+        to_z = flow.forward_nologdet  # what to_latent runs (prediction needs no likelihood)
+
+        def counting_fwd(x, context=None, m=m, to_z=to_z):
+            fwd[m] += 1
+            return to_z(x, context)
+
+        flow.forward_nologdet = counting_fwd
+        flow.register_forward_hook(lambda mod, i, o: pytest.fail("prediction computed a flow log-det"))
     with torch.no_grad():
         model.predict(ds.batch(np.arange(len(ds))))  # complete: no flow work at all
         assert sum(calls.values()) == 0 and sum(fwd.values()) == 0

@@ -282,17 +282,20 @@ def test_1x1_matrices_follow_a_fused_optimiser_step_between_no_grad_passes():
 
 
 
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_logdet_free_inverse_gives_the_same_output_and_gradients(name):
-    """``inverse_cm_nologdet`` is ``inverse_cm(...)[0]`` bit for bit, and so are its gradients
-    (for the input and every parameter)."""
+def test_logdet_free_maps_give_the_same_output_and_gradients(name, direction):
+    """``inverse_cm_nologdet`` is ``inverse_cm(...)[0]`` bit for bit, ``forward_cm_nologdet`` is
+    ``forward_cm(...)[0]``, and so are their gradients (for the input and every parameter)."""
     layer, channels, cond = perturbed(name)
     layer.eval()
     x, ctx = inputs(channels, cond, 5)
     x_cm = x.transpose(0, 1).contiguous()
     ctx_cm = layer.context_cm(ctx, x.shape[0], x.shape[2])
     grads = []
-    for fn in (lambda v: layer.inverse_cm(v, ctx_cm)[0], lambda v: layer.inverse_cm_nologdet(v, ctx_cm)):
+    full, free = ((layer.inverse_cm, layer.inverse_cm_nologdet) if direction == "inverse"
+                  else (layer.forward_cm, layer.forward_cm_nologdet))
+    for fn in (lambda v: full(v, ctx_cm)[0], lambda v: free(v, ctx_cm)):
         v = x_cm.clone().requires_grad_()
         out = fn(v)
         params = [p for p in layer.parameters()]

@@ -228,17 +228,20 @@ def test_sampling_shapes_and_consistency():
         torch.testing.assert_close(flow.from_latent(flow.to_latent(x)), x)
 
 
+@pytest.mark.parametrize("direction", ["inverse", "forward"])
 @pytest.mark.parametrize("variant", [*VARIANTS, "official", "affine-glow"])
-def test_from_latent_skips_the_logdet_and_gives_the_inverse_bit_for_bit(variant, monkeypatch):
-    """``from_latent`` (transfer) runs the log-det-free inverse: the same values as
-    ``inverse(z)[0]`` and the same gradients, and no spline log-derivative is computed."""
+def test_latent_maps_skip_the_logdet_and_give_the_maps_bit_for_bit(variant, direction, monkeypatch):
+    """``from_latent`` (transfer) runs the log-det-free inverse, ``to_latent`` the log-det-free
+    forward: the same values as ``inverse(z)[0]`` / ``forward(x)[0]`` and the same gradients, and
+    no spline log-derivative is computed."""
     kw = dict(coupling="affine", actnorm="every", mixing="conv1x1") if variant == "affine-glow" else VARIANTS.get(variant, {})
     flow = small_flow(official=variant == "official", **kw)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 4, 5, generator=g, dtype=torch.float64) * 3
     ctx = torch.randn(3, 2, 5, generator=g, dtype=torch.float64) if flow.cond_channels else None
     outs = []
-    for fn in (lambda v: flow.inverse(v, ctx)[0], lambda v: flow.from_latent(v, ctx)):
+    full, free = ((flow.inverse, flow.from_latent) if direction == "inverse" else (flow.forward, flow.to_latent))
+    for fn in (lambda v: full(v, ctx)[0], lambda v: free(v, ctx)):
         v = z.clone().requires_grad_()
         x = fn(v)
         outs.append((x.detach(), *torch.autograd.grad(x.square().sum(), [v, *flow.parameters()], allow_unused=True)))
@@ -253,7 +256,10 @@ def test_from_latent_skips_the_logdet_and_gives_the_inverse_bit_for_bit(variant,
     asked = []
     real = spline.spline_from_theta
     monkeypatch.setattr(spline, "spline_from_theta", lambda *a, **k: asked.append(k["logdet"]) or real(*a, **k))
-    flow.from_latent(z, ctx)
-    flow.sample(2, 1, length=3, context=None if ctx is None else ctx[:2, :, :3])
+    if direction == "inverse":
+        flow.from_latent(z, ctx)
+        flow.sample(2, 1, length=3, context=None if ctx is None else ctx[:2, :, :3])
+    else:
+        flow.to_latent(z, ctx)
     uses_spline = any(isinstance(m, spline.RationalQuadraticCoupling) for m in flow.modules())
     assert uses_spline == bool(asked) and not any(asked)

@@ -78,7 +78,8 @@ class Coupling(ChannelMajorTransform):
 
     - :meth:`elementwise` ``(xb, theta) -> (yb, logdet)`` and
     - :meth:`elementwise_inverse` ``(yb, theta) -> (xb, logdet)``, and optionally
-      :meth:`elementwise_inverse_nologdet` ``(yb, theta) -> xb`` (the inverse without its log-det),
+      :meth:`elementwise_nologdet` ``(xb, theta) -> yb`` and :meth:`elementwise_inverse_nologdet`
+      ``(yb, theta) -> xb`` (the maps without their log-det),
 
     where ``xb`` is ``(C_b, B, T)``, ``theta`` is ``(num_params, C_b, B, T)`` (the conditioner's
     output viewed parameter-major) and ``logdet`` is the per-sample ``(B,)`` log-det of the map.
@@ -126,6 +127,11 @@ class Coupling(ChannelMajorTransform):
     def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def elementwise_nologdet(self, xb: Tensor, theta: Tensor) -> Tensor:
+        """:meth:`elementwise` without the log-det (the same ``yb``); override it where the log-det
+        costs something. The default computes it and drops it."""
+        return self.elementwise(xb, theta)[0]
+
     def elementwise_inverse_nologdet(self, yb: Tensor, theta: Tensor) -> Tensor:
         """:meth:`elementwise_inverse` without the log-det (the same ``xb``); override it where
         the log-det costs something. The default computes it and drops it."""
@@ -159,6 +165,10 @@ class Coupling(ChannelMajorTransform):
         ya, yb = y[: self.split], y[self.split :]
         xb, logdet = self.elementwise_inverse(yb, self._theta(ya, context))
         return torch.cat([ya, xb], dim=0), logdet
+
+    def forward_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        xa, xb = x[: self.split], x[self.split :]
+        return torch.cat([xa, self.elementwise_nologdet(xb, self._theta(xa, context))], dim=0)
 
     def inverse_cm_nologdet(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         ya, yb = y[: self.split], y[self.split :]

@@ -96,8 +96,8 @@ class ChannelMajorTransform(Transform):
 
     Subclasses set ``self.channels`` and implement :meth:`forward_cm` / :meth:`inverse_cm`, each
     returning ``(output (C, B, T), logabsdet (B,))`` and taking an optional channel-major context
-    ``(cond, B, T)``, and may override :meth:`inverse_cm_nologdet` (the inverse without its
-    log-det). The public :meth:`forward` / :meth:`inverse` take and return ``(B, C, T)``.
+    ``(cond, B, T)``, and may override :meth:`forward_cm_nologdet` / :meth:`inverse_cm_nologdet`
+    (the maps without their log-det). The public :meth:`forward` / :meth:`inverse` take and return ``(B, C, T)``.
     """
 
     channels: int
@@ -111,6 +111,12 @@ class ChannelMajorTransform(Transform):
 
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def forward_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The output of :meth:`forward_cm` ``(C, B, T)`` without its log-det, for callers that only
+        need the latent (prediction, transfer). The same values as ``forward_cm(x, context)[0]``;
+        the default computes the log-det and drops it."""
+        return self.forward_cm(x, context)[0]
 
     def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The output of :meth:`inverse_cm` ``(C, B, T)`` without its log-det, for callers that

@@ -105,6 +105,9 @@ class InvertibleConv1x1(ChannelMajorTransform):
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return _channel_matmul(self.weight_inverse(), x), -self._logabsdet(x)
 
+    def forward_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return _channel_matmul(self.weight(), x)
+
     def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return _channel_matmul(self.weight_inverse(), x)
 
@@ -144,6 +147,9 @@ class ChannelPermutation(ChannelMajorTransform):
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.index_select(0, self.inverse_perm), x.new_zeros(x.shape[1])
 
+    def forward_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return x.index_select(0, self.perm)
+
     def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return x.index_select(0, self.inverse_perm)
 
@@ -166,6 +172,9 @@ class ChannelFlip(ChannelMajorTransform):
 
     def inverse_cm(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.flip(0), x.new_zeros(x.shape[1])
+
+    def forward_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return x.flip(0)
 
     def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return x.flip(0)

@@ -570,6 +570,9 @@ class RationalQuadraticCoupling(Coupling):
     def elementwise_inverse(self, yb: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
         return self._spline(yb, theta, inverse=True)
 
+    def elementwise_nologdet(self, xb: Tensor, theta: Tensor) -> Tensor:
+        return self._spline(xb, theta, inverse=False, logdet=False)[0]
+
     def elementwise_inverse_nologdet(self, yb: Tensor, theta: Tensor) -> Tensor:
         return self._spline(yb, theta, inverse=True, logdet=False)[0]
 

@@ -159,6 +159,11 @@ class FlowStep(ChannelMajorTransform):
             total = ld if total is None else total + ld
         return x, total
 
+    def forward_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer.forward_cm_nologdet(x, context)
+        return x
+
     def inverse_cm_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         for layer in reversed(self.layers):
             x = layer.inverse_cm_nologdet(x, context)
@@ -361,6 +366,17 @@ class TemporalFlow(Flow):
             total = total + ld
         return from_channel_major(x), total
 
+    def forward_nologdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Data to noise without the log-det: the same ``z`` ``(B, C, T)`` as ``forward(x)[0]``,
+        with no log-det computed (nor differentiated) in any layer. What :meth:`to_latent` runs."""
+        self._check(x, "x")
+        steps = self.steps
+        ctx = steps[0].context_cm(context, x.shape[0], x.shape[2])
+        z = to_channel_major(x)
+        for step in steps:
+            z = step.forward_cm_nologdet(z, ctx)
+        return from_channel_major(z)
+
     def inverse_nologdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Noise to data without the log-det: the same ``x`` ``(B, C, T)`` as ``inverse(z)[0]``,
         with no log-det computed (nor differentiated) in any layer (the spline couplings skip
@@ -374,8 +390,9 @@ class TemporalFlow(Flow):
         return from_channel_major(x)
 
     def to_latent(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``z = f(x)``, shape ``(B, C, T)``."""
-        return self.forward(x, context)[0]
+        """``z = f(x)``, shape ``(B, C, T)``, without computing the log-det
+        (:meth:`forward_nologdet`; :meth:`forward` when it is needed)."""
+        return self.forward_nologdet(x, context)
 
     def from_latent(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """``x = f^{-1}(z)``, shape ``(B, C, T)``, without computing the log-det

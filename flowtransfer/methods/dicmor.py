@@ -332,6 +332,11 @@ class DiCMoR(Method):
                 out[m] = self.flows[m](h[m].detach().index_select(0, idx))
         return out
 
+    def _latents_only(self, h: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`_latents` without the log-dets (prediction needs no likelihood): ``{m: z (P, d, T)}``."""
+        return {m: self.flows[m].to_latent(h[m].detach().index_select(0, idx))
+                for m, idx in rows.items() if idx.numel()}
+
     def _clamp_latent(self, z: Tensor) -> Tensor:
         """Clamp ``z`` (``(N, d, T)``) per channel to the prior's ``k``-sigma range over classes
         (``k = latent_clamp``; 0 returns ``z`` unchanged)."""
@@ -476,8 +481,7 @@ class DiCMoR(Method):
         h = self._extract(batch)
         avail = batch.mask
         rows = self._source_rows(avail)
-        lat = {m: zl[0] for m, zl in self._latents(h, rows).items()}
-        rec = self._recover(avail, lat, rows, refine=refine)
+        rec = self._recover(avail, self._latents_only(h, rows), rows, refine=refine)
         out = {}
         for m, (tgt, combined, refined) in rec.items():
             full = torch.full_like(h[m], float("nan"))
@@ -584,8 +588,7 @@ class DiCMoR(Method):
         rec = Recovery()
         if not bool(avail.all()):
             rows = self._source_rows(avail)
-            lat = {m: zl[0] for m, zl in self._latents(h, rows).items()}
-            rec = self._recover(avail, lat, rows)
+            rec = self._recover(avail, self._latents_only(h, rows), rows)
         return self._fuse(h, avail, rec)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
@@ -644,7 +647,7 @@ class DiCMoR(Method):
             "task": task.detach(),
             "nll": nll.detach(),
             "rec": rec_loss.detach(),
-            "sim_missing_rate": float(1.0 - sim.float().mean()),
+            "sim_missing_rate": (1.0 - sim.float().mean()).detach(),
         }
         parts.update({f"nll_{m}": v.detach() for m, v in nll_parts.items()})
         dec = self._decoder_loss(batch, h)
