@@ -440,8 +440,10 @@ def _wrap(obj: Any, attr: str, label: str) -> None:
 def instrument(model) -> None:
     _wrap(model.extractors, "forward", "extractors")
     for m in model.modalities:
-        _wrap(model.flows[m], "forward", "flow fwd")
-        _wrap(model.flows[m], "inverse", "flow inv")
+        for attr, label in (("forward", "flow fwd"), ("forward_nologdet", "flow fwd"),
+                            ("inverse", "flow inv"), ("inverse_nologdet", "flow inv")):
+            if hasattr(model.flows[m], attr):  # the log-det-free maps: to_latent / from_latent
+                _wrap(model.flows[m], attr, label)
         _wrap(model.refiners[m], "forward", "refiners")
         if m in model.combiners:
             _wrap(model.combiners[m], "forward", "combiners")
