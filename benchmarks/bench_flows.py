@@ -8,8 +8,9 @@ layers), a class-conditional diagonal Gaussian prior with 7 classes, CPU, on ``-
 Figures, per implementation:
 
 - ``log_prob``: one ``log_prob(x, y)`` under ``no_grad``, eval mode;
-- ``inverse``: one latent-to-data pass under ``no_grad``, eval mode (the log-det of the inverse
-  is computed wherever the library computes it by default);
+- ``inverse``: one latent-to-data pass under ``no_grad``, eval mode, through each library's
+  default latent-to-data call (the log-det of the inverse is computed wherever that call computes
+  it; flowtransfer's ``from_latent``, what a transfer runs, computes none);
 - ``train step``: ``log_prob`` -> bits/dim loss -> ``backward`` -> ``Adam.step`` (lr 1e-4), train
   mode;
 - ``peak MB``: the increase of the process's peak resident set size (``VmHWM``) caused by 3
@@ -267,7 +268,8 @@ def build_flowtransfer(s: Setting, design: str, kernel: int) -> Built:
         scale = {"affine": "softclamp", "sigmoid": "sigmoid"}[design]
         flow = TemporalFlow(s.channels, s.layers, s.hidden, kernel, s.classes, coupling="affine", scale=scale,
                             actnorm="every", mixing="conv1x1")
-    return Built(flow, flow.log_prob, lambda x: flow.forward(x)[0], lambda z: flow.inverse(z)[0], lambda x: x)
+    # the calls a transfer runs: to_latent / from_latent (neither computes a log-det)
+    return Built(flow, flow.log_prob, flow.to_latent, flow.from_latent, lambda x: x)
 
 
 # ---------------------------------------------------------------------------- nflows
