@@ -621,6 +621,46 @@ def paired_markdown(rows: Sequence[dict[str, Any]], metric: str, higher: bool, r
     return "\n".join(lines)
 
 
+def capped_settings(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, str], dict[str, float]]:
+    """Missing-rate settings that the data cannot realise as named.
+
+    Every sample keeps at least one modality, so MR is capped at ``(M-1)/M`` (0.5 on AV-MNIST's two
+    modalities, 0.667 on three; :func:`flowtransfer.data.missing.random_missing_mask`). Returns
+    ``(same, realised)``: ``same[s]`` is the lowest other setting that realised exactly the same rate
+    in every seed (the masks are nested, so equal counts mean identical masks: ``s`` is a copy of it
+    and is left out of the tables); ``realised[s]`` is the mean realised rate of every remaining
+    ``mr=`` setting whose realised rate is more than 0.005 from its name."""
+    rates: dict[str, dict[int, float]] = {}
+    for r in rows:
+        name = str(r["setting"])
+        if name.startswith("mr=") and r.get("realised_missing_rate") is not None:
+            rates.setdefault(name, {})[int(r["seed"])] = round(float(r["realised_missing_rate"]), 6)
+    order = sorted(rates, key=lambda n: float(n[3:]))
+    same: dict[str, str] = {}
+    for i, name in enumerate(order):
+        for lower in order[:i]:
+            if lower not in same and rates[lower] == rates[name]:
+                same[name] = lower
+                break
+    realised = {n: statistics.mean(rates[n].values()) for n in order
+                if n not in same and abs(statistics.mean(rates[n].values()) - float(n[3:])) > 0.005}
+    return same, realised
+
+
+def capped_note(rows: Sequence[dict[str, Any]]) -> str:
+    """One line saying which settings :func:`capped_settings` left out or relabels ('' if none)."""
+    same, realised = capped_settings(rows)
+    bits = [f"{s} is the same masks as {t} (MR capped at (M-1)/M), not shown" for s, t in same.items()]
+    bits += [f"{s} realises MR {v:.3f} (capped at (M-1)/M: every sample keeps one modality)" for s, v in realised.items()]
+    return "; ".join(bits) + "." if bits else ""
+
+
+def drop_capped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` less the settings that copy a lower setting's masks (:func:`capped_settings`)."""
+    same, _ = capped_settings(rows)
+    return [r for r in rows if r["setting"] not in same]
+
+
 def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, str], task: str,
                       missing: Sequence[Cell] = ()) -> str:
     """Methods as columns, settings as rows (headline metric, mean ± std over seeds), the best
@@ -629,6 +669,8 @@ def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, 
     or the epoch limit while still improving in some seed."""
     from flowtransfer.training.results import PERCENT_METRICS, budget_records, unconverged
 
+    note = capped_note(rows)
+    rows = drop_capped(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     flagged = {m for m, _ in unconverged(rows)}
     names = [m + (" (!)" if m in flagged else "") for m in methods]
@@ -663,6 +705,8 @@ def headline_markdown(key: str, rows: list[dict[str, Any]], failures: dict[str, 
         if flagged:
             lines += ["", "(!) stopped on the step cap or the epoch limit while still improving in some seed: "
                       "not converged at this budget"]
+        if note:
+            lines += ["", note]
         blocks.append("\n".join(lines))
         blocks.append(paired_markdown(rows, metric, higher))
     if failures:
@@ -753,7 +797,9 @@ def report_key(key: str, args: argparse.Namespace) -> None:
               f"train_seconds = wall time of training\n{_budget_line(key, args)}\n")
     fail_text = "".join(f"{m}: failed: {e}\n" for m, e in failures.items())
     marks = {m: UNCONVERGED_MARK for m, _ in unconverged(rows)}
-    table = format_table(summarise(rows), metrics=metrics, marks=marks) + "\n" + format_budget_table(rows)
+    shown = drop_capped(rows)  # the CSV keeps every row; tables and curves leave out copied settings
+    table = (format_table(summarise(shown), metrics=metrics, marks=marks) + "\n" + format_budget_table(rows)
+             + (capped_note(rows) + "\n" if capped_note(rows) else ""))
     (out / f"compare_{key}{args.tag}_table.txt").write_text(
         header + table + "\n" + fail_text + format_missing(missing) + "\n")
     (out / f"compare_{key}{args.tag}_headline.md").write_text(
@@ -768,7 +814,7 @@ def report_key(key: str, args: argparse.Namespace) -> None:
         colours = [plt.get_cmap("tab20")(i) for i in range(0, 20, 2)] + ["#000000", "#000080"]
         with plt.rc_context({"axes.prop_cycle": plt.cycler(color=colours)}):
             fig, ax = plt.subplots(figsize=(8.5, 4.6))
-            plot_missing_rate_curves(rows, metric=metric, title=f"{key}: {metric} vs missing rate (test)", ax=ax)
+            plot_missing_rate_curves(shown, metric=metric, title=f"{key}: {metric} vs missing rate (test)", ax=ax)
             ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
         fig.savefig(out / f"compare_{key}{args.tag}_curves.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -878,7 +924,7 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
              "## DiCMoR against the best other method (bounds excluded), paired by seed", "",
              "Best other = the best mean among methods with at least DiCMoR's seeds in that cell.", "",
              "| dataset | setting | dicmor | best other | its score | dicmor - best [95% t] |", "|---|---|---|---|---|---|"]
-    blocks, missing_all = [], []
+    blocks, missing_all, capped = [], [], []
     for key in keys:
         rows = pool_folds([collect_rows(k, args) for k in ALIASES["mosi_folds"]]) if key == "mosi_folds" \
             else collect_rows(key, args)
@@ -887,7 +933,10 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
         task = "regression" if key == "mosi_folds" else SPECS[key].task
         metric, higher = HEADLINE[task][0]
         scale = 100.0 if metric in PERCENT_METRICS else 1.0
-        for c in dicmor_vs_best(rows, metric, higher):
+        same, realised = capped_settings(rows)
+        capped += [f"{key}: {s} = {t}" for s, t in same.items() if s in SUMMARY_SETTINGS]
+        capped += [f"{key}: {s} realises {v:.3f}" for s, v in realised.items() if s in SUMMARY_SETTINGS]
+        for c in dicmor_vs_best(drop_capped(rows), metric, higher):
             d = c["diff"]
             parts.append(f"| {key} | {c['setting']} | {scale * c['dicmor']:.1f} | {c['best']} | "
                          f"{scale * c['best_mean']:.1f} | {'-' if d is None else d.format(scale=scale, digits=1)} |")
@@ -898,6 +947,9 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
             blocks.append(budget + head.read_text())
         if key != "mosi_folds":
             missing_all += missing_cells([key], args)
+    if capped:
+        parts += ["", "Every sample keeps at least one modality, so MR is capped at (M-1)/M: "
+                  + "; ".join(capped) + " (a setting equal to a lower one has the same masks and is not repeated)."]
     parts += ["", "`*`: the interval excludes 0. With one seed there is no interval.", "",
               "## Missing cells (not run; nothing here is extrapolated)", "", format_missing(missing_all), ""]
     parts += ["## Per dataset", ""] + blocks

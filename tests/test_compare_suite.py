@@ -178,3 +178,21 @@ def test_dicmor_vs_best_pairs_dicmor_with_the_best_other_non_bound_method():
     assert c["best"] == "modality_dropout"  # the bound is never "best"
     assert abs(c["diff"].mean - (-0.03)) < 1e-12 and c["diff"].n == 3 and c["diff"].distinguishable
     assert suite.dicmor_vs_best([r for r in rows if r["method"] != "dicmor"], "acc", True) == []
+
+
+def test_settings_beyond_the_missing_rate_cap_are_named_not_repeated():
+    """On two modalities MR is capped at 0.5: mr=0.6 and mr=0.7 copy mr=0.5's masks, so the tables
+    leave them out and say so; on three modalities mr=0.7 realises 0.667 and is labelled."""
+    two = [{"method": "m", "setting": f"mr={r}", "seed": s, "realised_missing_rate": min(r, 0.5), "acc": 0.9 - r}
+           for r in (0.3, 0.5, 0.6, 0.7) for s in (0, 1)]
+    same, realised = suite.capped_settings(two)
+    assert same == {"mr=0.6": "mr=0.5", "mr=0.7": "mr=0.5"} and realised == {}
+    assert {r["setting"] for r in suite.drop_capped(two)} == {"mr=0.3", "mr=0.5"}
+    assert "mr=0.7 is the same masks as mr=0.5" in suite.capped_note(two)
+    three = [{"method": "m", "setting": f"mr={r}", "seed": 0, "realised_missing_rate": min(r, 2 / 3), "acc": 0.5}
+             for r in (0.5, 0.7)]
+    same, realised = suite.capped_settings(three)
+    assert same == {} and realised == {"mr=0.7": pytest.approx(2 / 3, abs=1e-6)}
+    assert "mr=0.7 realises MR 0.667" in suite.capped_note(three)
+    headline = suite.headline_markdown("x", two, {}, "classification")
+    assert "| mr=0.5 |" in headline and "| mr=0.7 |" not in headline and "not shown" in headline
