@@ -910,6 +910,33 @@ def dicmor_vs_best(rows: Sequence[dict[str, Any]], metric: str, higher: bool,
     return out
 
 
+def verdict_lines(summary: Sequence[tuple[str, dict[str, Any]]], higher: dict[str, bool]) -> list[str]:
+    """Plain statements from :func:`dicmor_vs_best` rows ``(dataset, row)``: per dataset, the
+    settings where DiCMoR wins (interval above 0 in the better direction), loses (below) or cannot
+    be told apart from the best other method, and to what. One seed decides nothing."""
+    lines = []
+    for key in dict.fromkeys(k for k, _ in summary):
+        won, lost, tied, single = [], [], [], []
+        for k, c in summary:
+            if k != key:
+                continue
+            d = c["diff"]
+            where = f"{c['setting']} (vs {c['best']})"
+            if d is None or d.n < 2:
+                single.append(where)
+            elif not d.distinguishable:
+                tied.append(where)
+            elif (d.mean > 0) == higher[key]:
+                won.append(where)
+            else:
+                lost.append(where)
+        bits = [f"wins at {', '.join(won)}" if won else "", f"loses at {', '.join(lost)}" if lost else "",
+                f"is within noise at {', '.join(tied)}" if tied else "",
+                f"has one seed only at {', '.join(single)}" if single else ""]
+        lines.append(f"- **{key}**: DiCMoR " + "; ".join(b for b in bits if b) + ".")
+    return lines
+
+
 def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) -> None:
     """``COMPARISON.md``: what was run (budgets, seeds), DiCMoR against the best baseline at MR 0.3 /
     0.5 / 0.7 per dataset with paired 95% intervals, every cell still missing, then each dataset's
@@ -924,7 +951,7 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
              "## DiCMoR against the best other method (bounds excluded), paired by seed", "",
              "Best other = the best mean among methods with at least DiCMoR's seeds in that cell.", "",
              "| dataset | setting | dicmor | best other | its score | dicmor - best [95% t] |", "|---|---|---|---|---|---|"]
-    blocks, missing_all, capped = [], [], []
+    blocks, missing_all, capped, summary, against_zero, higher_of = [], [], [], [], [], {}
     for key in keys:
         rows = pool_folds([collect_rows(k, args) for k in ALIASES["mosi_folds"]]) if key == "mosi_folds" \
             else collect_rows(key, args)
@@ -936,7 +963,14 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
         same, realised = capped_settings(rows)
         capped += [f"{key}: {s} = {t}" for s, t in same.items() if s in SUMMARY_SETTINGS]
         capped += [f"{key}: {s} realises {v:.3f}" for s, v in realised.items() if s in SUMMARY_SETTINGS]
+        higher_of[key] = higher
         for c in dicmor_vs_best(drop_capped(rows), metric, higher):
+            summary.append((key, c))
+            if any(r["method"] == "zero_fill" and r["setting"] == c["setting"] for r in rows):
+                from paired_differences import paired_by_seed
+
+                against_zero.append((key, {"setting": c["setting"], "best": "zero_fill",
+                                           "diff": paired_by_seed(rows, metric, "dicmor", "zero_fill", c["setting"])}))
             d = c["diff"]
             parts.append(f"| {key} | {c['setting']} | {scale * c['dicmor']:.1f} | {c['best']} | "
                          f"{scale * c['best_mean']:.1f} | {'-' if d is None else d.format(scale=scale, digits=1)} |")
@@ -951,6 +985,9 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
         parts += ["", "Every sample keeps at least one modality, so MR is capped at (M-1)/M: "
                   + "; ".join(capped) + " (a setting equal to a lower one has the same masks and is not repeated)."]
     parts += ["", "`*`: the interval excludes 0. With one seed there is no interval.", "",
+              "In words (from the intervals above; 'within noise' = the 95% interval covers 0):", "",
+              *verdict_lines(summary, higher_of), "", "Against zero filling (the floor every method must clear):", "",
+              *verdict_lines(against_zero, higher_of), "",
               "## Missing cells (not run; nothing here is extrapolated)", "", format_missing(missing_all), ""]
     parts += ["## Per dataset", ""] + blocks
     path.write_text("\n".join(parts) + "\n")

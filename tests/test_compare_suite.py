@@ -196,3 +196,15 @@ def test_settings_beyond_the_missing_rate_cap_are_named_not_repeated():
     assert "mr=0.7 realises MR 0.667" in suite.capped_note(three)
     headline = suite.headline_markdown("x", two, {}, "classification")
     assert "| mr=0.5 |" in headline and "| mr=0.7 |" not in headline and "not shown" in headline
+
+
+def test_verdicts_follow_the_intervals_and_the_metric_direction():
+    win = paired.paired_difference([0.80, 0.82, 0.81], [0.70, 0.71, 0.72])
+    tie = paired.paired_difference([0.8, 0.9, 0.7], [0.5, 0.6, 0.6])
+    one = paired.paired_difference([0.8], [0.7])
+    rows = [("a", {"setting": "mr=0.3", "best": "x", "diff": win}), ("a", {"setting": "mr=0.5", "best": "x", "diff": tie}),
+            ("b", {"setting": "mr=0.3", "best": "y", "diff": win}), ("c", {"setting": "mr=0.3", "best": "z", "diff": one})]
+    lines = suite.verdict_lines(rows, {"a": True, "b": False, "c": True})
+    assert lines[0] == "- **a**: DiCMoR wins at mr=0.3 (vs x); is within noise at mr=0.5 (vs x)."
+    assert lines[1] == "- **b**: DiCMoR loses at mr=0.3 (vs y)."  # lower is better there (MAE)
+    assert "one seed only" in lines[2]
