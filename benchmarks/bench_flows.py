@@ -592,6 +592,32 @@ def peak_memory(name: str, threads: int, tiny: bool) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
+def train_step_gflop(name: str, s: Setting) -> float:
+    """Matrix arithmetic of one training step of ``name`` (forward + backward), in GFLOP, counted
+    by ``torch.utils.flop_counter`` (products and convolutions only; elementwise work is not
+    counted). A floor on the time any implementation of that architecture needs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    setup, step = prepare(name, s)["train step"]
+    setup()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
+
+
+def arithmetic_lines(names: list[str], s: Setting) -> list[str]:
+    """One line per implementation: its training step's matrix GFLOP and the ratio to the
+    flowtransfer affine flow of its table (what a time ratio cannot go below at equal efficiency)."""
+    gflop = {n: train_step_gflop(n, s) for n in names}
+    lines = ["matrix arithmetic of one training step (torch.utils.flop_counter: products and convolutions, "
+             "forward + backward; elementwise work not counted)"]
+    for n in names:
+        ref = REFERENCES[IMPLEMENTATIONS[n].table][1]
+        ratio = f"   {gflop[n] / gflop[ref]:.2f}x {ref}" if ref in gflop and n != ref and gflop[ref] else ""
+        lines.append(f"{n:<26}{gflop[n]:>10.4g} GFLOP{ratio}")
+    return lines
+
+
 def time_rounds(names: list[str], fns: dict, rounds: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Median ms per implementation and figure over ``rounds`` interleaved rounds (one untimed
     warm-up round first; the implementations' order rotates by one each round), and per
@@ -729,6 +755,9 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list[str]:
         emit(f"machine: {args.load_note}")
     emit("how each implementation was made equal: at the end of this report (and in the script's docstring)")
 
+    emit()
+    for line in arithmetic_lines(names, s):
+        emit(line)
     for threads in thread_counts:
         torch.set_num_threads(threads)
         load0 = os.getloadavg()

@@ -83,6 +83,8 @@ def test_report_tiny(tmp_path, monkeypatch, capsys):
     assert "zuko not installed (rows skipped)" in text and "zuko-spline" not in text
     assert "flowtransfer-spline" in text and "flowtransfer-affine-k1" in text
     assert "FrEIA spline" in text  # said, not silently dropped
+    gflop = {line.split()[0]: float(line.split()[1]) for line in lines if " GFLOP" in line}
+    assert gflop["flowtransfer-spline"] > gflop["flowtransfer-affine"] > 0  # the spline predicts 3K-1 parameters
     verdicts = [line for line in lines if line.strip().startswith(("PASS", "FAIL"))]
     assert any("flowtransfer-spline / flowtransfer-affine" in v for v in verdicts)
     assert any("fastest library affine (temporal)" in v for v in verdicts) or not any(
