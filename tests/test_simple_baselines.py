@@ -48,7 +48,7 @@ def steps(method, batch, n: int = 15, lr: float = 1e-2) -> list[float]:
     method.train()
     for _ in range(n):
         loss, parts = method.loss(batch)
-        assert np.isfinite(parts["loss"])
+        assert np.isfinite(float(parts["loss"]))
         opt.zero_grad()
         loss.backward()
         opt.step()
