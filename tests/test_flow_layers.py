@@ -305,3 +305,37 @@ def test_logdet_free_maps_give_the_same_output_and_gradients(name, direction):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_logdet_free_maps_follow_a_subclass_that_changes_the_map():
+    """A coupling subclass that overrides ``forward_cm``/``inverse_cm`` (or a spline subclass that
+    overrides ``elementwise``/``elementwise_inverse``) gets log-det-free maps that follow it."""
+    import math
+
+    from flowtransfer.flows.coupling import AffineCoupling
+    from flowtransfer.flows.spline import RationalQuadraticCoupling
+
+    class Shifted(AffineCoupling):
+        def forward_cm(self, x, context=None):
+            y, ld = super().forward_cm(x, context)
+            return y + 1.0, ld
+
+        def inverse_cm(self, y, context=None):
+            return super().inverse_cm(y - 1.0, context)
+
+    class Doubled(RationalQuadraticCoupling):
+        def elementwise(self, xb, theta):
+            yb, ld = super().elementwise(xb, theta)
+            return 2.0 * yb, ld + xb.shape[0] * xb.shape[2] * math.log(2.0)
+
+        def elementwise_inverse(self, yb, theta):
+            return super().elementwise_inverse(yb / 2.0, theta)
+
+    x = torch.randn(3, 4, 5, dtype=torch.float64)  # (B, C, T)
+    for layer in (Shifted(4).double(), Doubled(4).double()):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        x_cm = x.transpose(0, 1).contiguous()
+        assert torch.equal(layer.forward_cm_nologdet(x_cm), layer.forward_cm(x_cm)[0])
+        assert torch.equal(layer.inverse_cm_nologdet(x_cm), layer.inverse_cm(x_cm)[0])

@@ -780,6 +780,7 @@ def _host_reads_in_one_epoch(monkeypatch, n: int, batch_size: int) -> tuple[int,
         monkeypatch.setattr(torch.Tensor, name, counted)
     seed_everything(0)
     trainer = Trainer(TensorParts(), TrainConfig(epochs=1, batch_size=batch_size, lr=0.05, **QUIET))
+    trainer.check_loss_every_step = False  # what an accelerator gets (on the CPU a read costs nothing)
     train = make_data(n, 0)
     trainer.method.train()
     record = trainer.train_epoch(train, 0)
@@ -809,3 +810,42 @@ def test_a_training_epoch_reads_the_device_a_fixed_number_of_times(monkeypatch):
     expected = sum(v * w for v, w in zip(losses, weights)) / sum(weights)
     assert record["loss"] == pytest.approx(expected, rel=1e-6)
     assert record["loss/half"] == pytest.approx(0.5 * expected, rel=1e-6)
+
+
+class NanAtStep(PooledLinear):
+    """A loss that turns NaN at the ``bad``-th call."""
+
+    def __init__(self, bad: int):
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def loss(self, batch):
+        loss, parts = super().loss(batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls == self.bad + 1 else loss), parts
+
+
+@pytest.mark.parametrize("every_step", [True, False])
+def test_a_nonfinite_loss_is_named_by_its_step_either_way(every_step):
+    """Checked each step (the CPU default): raised before that step's update, weights finite.
+    Checked at the end of the epoch (accelerators): the same step is named."""
+    seed_everything(0)
+    method = NanAtStep(bad=3)
+    trainer = Trainer(method, TrainConfig(epochs=1, batch_size=8, lr=0.05, **QUIET))
+    trainer.check_loss_every_step = every_step
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step 3 of NanAtStep"):
+        trainer.train_epoch(make_data(96, 0), 0)
+    finite = all(torch.isfinite(p).all() for p in method.parameters())
+    assert finite == every_step and method.calls == (4 if every_step else 12)
+
+
+class VectorPart(PooledLinear):
+    def loss(self, batch):
+        loss, _ = super().loss(batch)
+        return loss, {"pair": torch.stack([loss.detach(), loss.detach()])}
+
+
+def test_a_logged_part_must_be_a_scalar():
+    trainer = Trainer(VectorPart(), TrainConfig(epochs=1, batch_size=8, **QUIET))
+    with pytest.raises(ValueError, match=r"part 'loss/pair' has shape \(2,\)"):
+        trainer.train_epoch(make_data(16, 0), 0)

@@ -117,6 +117,8 @@ logger = logging.getLogger(__name__)
 
 #: the ``format`` field of trainer checkpoints
 CHECKPOINT_FORMAT = "flowtransfer.trainer/1"
+#: key of the non-finite-loss flag gathered with the epoch's sums (never in the returned record)
+_NONFINITE = "_nonfinite_loss"
 
 #: monitored quantities that improve downwards (besides anything starting with "loss")
 _MIN_METRICS = frozenset({"mae", "mse", "rmse", "nll", "bpd"})
@@ -409,6 +411,13 @@ class Trainer:
         self.mode = self.config.resolved_mode
         self.device = self._resolve_device()
         self.method.to(self.device)
+        #: read and check each step's loss before its backward (a non-finite loss then stops the
+        #: epoch with the weights still finite). On by default on the CPU, where reading a tensor
+        #: costs nothing; off on accelerators, where it would make the device wait on the host every
+        #: step: there a non-finite loss is found at the end of the epoch (still named by its step),
+        #: after the steps that followed it ran. Under DDP the check is always at the end of the
+        #: epoch and collective (every rank raises), so no rank waits on another that stopped.
+        self.check_loss_every_step: bool = self.device.type == "cpu"
         self.optimizer = self._build_optimizer()
         self.scheduler: ReduceLROnPlateau | None = None
         if self.config.lr_plateau_patience is not None:
@@ -565,16 +574,23 @@ class Trainer:
         """
         batches, count = self._train_batches(dataset, epoch)
         self.method.train()
-        # Sums stay on the device (float64, so the logged means equal the old host-side sums) and are
-        # read once at the end of the epoch: no host synchronisation per step, so an accelerator
-        # never waits on the host. A progress bar reads each step's loss (it shows it) and checks it
-        # at once; without one, a non-finite loss is found at the end of the epoch, naming its step.
+        # Sums stay on the device (float64 where the device has it, so the logged means equal
+        # host-side sums) and are read once at the end of the epoch. Whether each step's loss is also
+        # read and checked at once: see ``check_loss_every_step`` (set in ``__init__``).
+        acc = torch.float32 if self.device.type == "mps" else torch.float64
         sums: dict[str, Tensor | float] = {}
         counts: dict[str, float] = {}
         step_losses: list[Tensor] = []
+        per_step = self.check_loss_every_step and not self.context.is_distributed
 
         def add(key: str, value: Tensor | float, weight: int) -> None:
-            term = value.detach().double() * weight if isinstance(value, Tensor) else float(value) * weight
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"{type(self.method).__name__}.loss part {key!r} has shape "
+                                     f"{tuple(value.shape)}; a logged part must be a scalar")
+                term = value.detach().reshape(()).to(acc) * weight
+            else:
+                term = float(value) * weight
             sums[key] = sums[key] + term if key in sums else term
             counts[key] = counts.get(key, 0.0) + weight
 
@@ -593,14 +609,15 @@ class Trainer:
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
                     shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                     raise TypeError(f"{type(self.method).__name__}.loss must return a scalar Tensor, got {shape}")
+                step_losses.append(loss.detach())
+                if per_step or (bar is not None and not self.context.is_distributed):
+                    # before backward and the optimiser step: the weights stay the last finite ones
+                    self._raise_if_nonfinite(self._first_nonfinite(step_losses[-1:]), step_losses[-1:], epoch, step)
                 if not loss.requires_grad:
                     raise RuntimeError(
                         f"{type(self.method).__name__}.loss returned a tensor without gradient: "
                         "no trainable parameter contributes to it"
                     )
-                step_losses.append(loss.detach())
-                if bar is not None:
-                    self._check_losses(step_losses[-1:], epoch, step)
                 loss.backward()
                 grad_norm = self._clip()
                 self.optimizer.step()
@@ -623,24 +640,37 @@ class Trainer:
                 f"epoch {epoch}: no training batches (n={len(dataset)}, batch_size={self.config.batch_size}, "
                 f"drop_last={self.config.drop_last})"
             )
-        self._check_losses(step_losses, epoch, 0)
+        bad = self._first_nonfinite(step_losses)
         keys = list(sums)
-        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device)
-                              for k in keys]).tolist()  # the epoch's one read of the device
-        return weighted_means(dict(zip(keys, values)), counts)
+        values = torch.stack([torch.as_tensor(sums[k], dtype=acc, device=self.device)
+                              for k in keys]).tolist()  # the epoch's one read of the sums
+        local = dict(zip(keys, values))
+        local[_NONFINITE] = 0.0 if bad is None else 1.0  # collective: every rank learns of any rank's failure
+        counts[_NONFINITE] = 1.0
+        record = weighted_means(local, counts)
+        if record.pop(_NONFINITE) > 0:
+            if bad is None:
+                raise FloatingPointError(
+                    f"training loss of {type(self.method).__name__} was non-finite on another rank in epoch {epoch}")
+            self._raise_if_nonfinite(bad, step_losses, epoch, 0)
+        return record
 
-    def _check_losses(self, losses: list[Tensor], epoch: int, first_step: int) -> None:
-        """Raise :class:`FloatingPointError` naming the first non-finite loss of ``losses`` (steps
-        ``first_step, first_step + 1, ...`` of ``epoch``); one host read."""
+    @staticmethod
+    def _first_nonfinite(losses: list[Tensor]) -> int | None:
+        """Index of the first non-finite loss in ``losses`` (``None`` if all are finite); one host read."""
         finite = torch.isfinite(torch.stack(losses))
         if bool(finite.all()):
+            return None
+        return int((~finite).nonzero()[0, 0])
+
+    def _raise_if_nonfinite(self, bad: int | None, losses: list[Tensor], epoch: int, first_step: int) -> None:
+        """Raise :class:`FloatingPointError` naming step ``first_step + bad`` of ``epoch``."""
+        if bad is None:
             return
-        bad = int((~finite).nonzero()[0, 0])
-        value = float(losses[bad])
         raise FloatingPointError(
-            f"training loss is {value} at epoch {epoch}, step {first_step + bad} of {type(self.method).__name__}; "
-            "absent modalities hold NaN, so a method that reads one without consulting batch.mask "
-            "produces this (or the optimisation diverged: lower lr or clip gradients)"
+            f"training loss is {float(losses[bad])} at epoch {epoch}, step {first_step + bad} of "
+            f"{type(self.method).__name__}; absent modalities hold NaN, so a method that reads one without "
+            "consulting batch.mask produces this (or the optimisation diverged: lower lr or clip gradients)"
         )
 
     def validate(self, dataset: Any) -> dict[str, float]:
