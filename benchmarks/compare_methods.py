@@ -41,7 +41,7 @@ zero-filled when absent): ``A`` on AV-MNIST (SMIL's own choice: audio scarce, im
 ``L`` on MOSI (text carries nearly all the signal there, so text is the modality whose absence
 costs most and is worth reconstructing), and ``L`` on the synthetic data for the same reason.
 
-Outputs in ``--out`` (default ``benchmarks/results``), per dataset key, rebuilt from every
+Outputs in ``--out`` (default ``benchmarks/results/compare``), per dataset key, rebuilt from every
 finished cell (``--report-only`` does only this): ``compare_<key>_results.csv`` (one row per
 method, setting and seed), ``compare_<key>_table.txt`` (every metric, mean ± std over seeds, the
 budget table, failures, missing cells), ``compare_<key>_headline.md`` (methods as columns,
@@ -50,7 +50,7 @@ the paired per-seed differences of every method against zero filling and against
 method with 95% t intervals; ``*`` marks a difference distinguishable from zero),
 ``compare_<key>_curves.png`` (score against missing rate). Checkpoints, masks and the cells go to
 ``--runs`` (default ``runs/compare``, ignored by git); each finished cell's results and marker are
-also copied into the **ledger** ``--ledger`` (default ``<out>/cells``, committed with the tables), and
+also copied into the **ledger** ``--ledger`` (default ``<out>/cells<tag>``, committed with the tables), and
 a cell finished there counts as finished: a new checkout, which has no ``runs/``, rebuilds every
 table and runs only the cells still missing. ``--import-results compare_<key>_results.csv`` writes
 ledger cells from an older results file (each marker says ``restored_from``).
@@ -235,16 +235,39 @@ def cell_settings(cfg: Any) -> dict[str, Any]:
 
 
 def ledger_dir(args: argparse.Namespace) -> Path:
-    """The committed record of finished cells: ``--ledger``, default ``<out>/cells``."""
-    return Path(args.ledger) if args.ledger else Path(args.out) / "cells"
+    """The committed record of finished cells: ``--ledger``, default ``<out>/cells<tag>`` (one
+    ledger per tag, so that a ``--tag _long`` budget never mixes with the default one)."""
+    return Path(args.ledger) if args.ledger else Path(args.out) / f"cells{args.tag}"
 
 
-def finished_marker(cell: Cell, args: argparse.Namespace) -> Path | None:
-    """The cell's finished marker: in ``--runs`` (where it ran), else in the ledger, else ``None``."""
-    for root in (Path(args.runs), ledger_dir(args)):
-        marker = cell.folder(root) / DONE
-        if marker.is_file():
-            return marker
+def _marker_settings(marker: Path) -> dict[str, Any] | None:
+    """The settings a finished marker records; ``None`` if it cannot be read."""
+    try:
+        settings = json.loads(marker.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def _current_settings(cell: Cell, args: argparse.Namespace) -> dict[str, Any] | None:
+    """:func:`cell_settings` of the cell under this command's arguments (``None`` when its data is
+    absent here, e.g. a report rebuilt on a machine without the shared folder)."""
+    try:
+        return cell_settings(cell_config(cell, args))
+    except FileNotFoundError:
+        return None
+
+
+def finished_marker(cell: Cell, args: argparse.Namespace, settings: dict[str, Any] | None = None) -> Path | None:
+    """The cell's finished marker: in ``--runs`` (where it ran), else in the ledger, else ``None``.
+    Given ``settings``, a ledger marker counts only if it records those settings (a ledger cell of
+    another budget must not block or shadow this one); a run folder's marker always counts."""
+    marker = cell.folder(args.runs) / DONE
+    if marker.is_file():
+        return marker
+    kept = cell.folder(ledger_dir(args)) / DONE
+    if kept.is_file() and (settings is None or _marker_settings(kept) == settings):
+        return kept
     return None
 
 
@@ -259,7 +282,7 @@ def finished_markers(key: str, args: argparse.Namespace) -> dict[tuple[str, int]
 
 
 #: the files of a finished cell kept in the ledger (checkpoints and masks stay in ``--runs``)
-LEDGER_FILES = ("results.csv", "config.json", "failures.json")
+LEDGER_FILES = ("results.csv", "config.json")
 
 
 def archive_cell(cell: Cell, args: argparse.Namespace) -> Path:
@@ -276,15 +299,19 @@ def archive_cell(cell: Cell, args: argparse.Namespace) -> Path:
 
 
 def sync_ledger(key: str, args: argparse.Namespace) -> list[Cell]:
-    """Archive every cell of ``key`` finished in ``--runs`` whose marker the ledger lacks or holds in
-    another version (cells run by an older version of this script, or copied in by hand)."""
+    """Archive the cells of ``key`` finished in ``--runs`` that the ledger lacks, or holds under
+    other settings than this command's while the run folder holds this command's (an old local
+    ``runs/`` never overwrites a current ledger cell)."""
     synced = []
     for marker in (Path(args.runs) / key).glob(f"*/seed*/{DONE}"):
         cell = Cell(key, marker.parent.parent.name, int(marker.parent.name[4:]))
         kept = cell.folder(ledger_dir(args)) / DONE
-        if not kept.is_file() or kept.read_text() != marker.read_text():
-            archive_cell(cell, args)
-            synced.append(cell)
+        if kept.is_file():
+            current = _current_settings(cell, args)
+            if current is None or _marker_settings(kept) == current or _marker_settings(marker) != current:
+                continue
+        archive_cell(cell, args)
+        synced.append(cell)
     return synced
 
 
@@ -305,6 +332,8 @@ def import_results(path: str | Path, key: str, args: argparse.Namespace) -> list
     for (method, seed), rows in sorted(groups.items()):
         cell = Cell(key, method, seed)
         folder = cell.folder(ledger_dir(args))
+        if (folder / DONE).is_file() and not args.force:
+            raise FileExistsError(f"{cell} is in the ledger already ({folder}); --force replaces it")
         write_results(rows, folder, name="results")
         (folder / "results.json").unlink()
         budget = budget_records(rows)
@@ -319,20 +348,21 @@ def import_results(path: str | Path, key: str, args: argparse.Namespace) -> list
 
 
 def cell_state(cell: Cell, args: argparse.Namespace, cfg: Any | None = None) -> str:
-    """``"done"`` (finished marker present in ``--runs`` or the ledger, same settings), ``"stale"``
-    (finished under other settings), ``"partial"`` (started, not finished) or ``"new"``; without
-    ``cfg`` any marker is done."""
+    """``"done"`` (finished under this command's settings, in ``--runs`` or the ledger), ``"stale"``
+    (finished in ``--runs`` under other settings), ``"partial"`` (started, not finished) or
+    ``"new"``. ``cfg`` defaults to the cell's config under ``args``; where the cell's data is absent
+    (a report rebuilt elsewhere) any finished marker counts as done."""
     folder = cell.folder(args.runs)
-    marker = finished_marker(cell, args)
-    if marker is not None:
-        if cfg is None:
-            return "done"
-        try:
-            saved = json.loads(marker.read_text()).get("settings")
-        except (OSError, ValueError):
-            return "partial"  # unreadable marker: not finished
-        return "done" if saved == cell_settings(cfg) else "stale"
-    return "partial" if folder.exists() else "new"
+    settings = cell_settings(cfg) if cfg is not None else _current_settings(cell, args)
+    marker = finished_marker(cell, args, settings)
+    if marker is None:
+        return "partial" if folder.exists() else "new"
+    if settings is None:
+        return "done"
+    saved = _marker_settings(marker)
+    if saved is None:
+        return "partial" if folder.exists() else "new"  # an unreadable marker: not finished
+    return "done" if saved == settings else "stale"
 
 
 def _data_path(spec: Spec, args: argparse.Namespace) -> str | None:
@@ -366,7 +396,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, failures: dict[str, str]) -> 
                 k: v for k, v in json.loads(saved.read_text()).items() if k not in _NOT_SETTINGS | {"data_report"}}
         except (OSError, ValueError):
             same = False
-        if not same:  # an unfinished cell of other settings: its checkpoints must not be resumed
+        if not same and folder.exists():  # an unfinished cell of other settings: never resume its checkpoints
             shutil.rmtree(folder)
     if args.force and folder.exists():
         shutil.rmtree(folder)
@@ -417,10 +447,15 @@ def run_keys(keys: Sequence[str], args: argparse.Namespace) -> None:
 
 
 def _read_failures(runs: Path, ledger: Path | None = None) -> dict[str, str]:
-    for path in (runs / "failures.json", *((ledger / "failures.json",) if ledger else ())):
+    """``{"<method>/seed<k>": message}`` of the cells that failed: the ledger's, then the run folder's."""
+    merged: dict[str, str] = {}
+    for path in ((ledger / "failures.json",) if ledger else ()) + (runs / "failures.json",):
         if path.is_file():
-            return json.loads(path.read_text())
-    return {}
+            try:
+                merged.update(json.loads(path.read_text()))
+            except ValueError:
+                pass  # a damaged file loses its entries, never the suite
+    return merged
 
 
 def _write_failures(runs: Path, failures: dict[str, str], ledger: Path | None = None) -> None:
@@ -429,6 +464,17 @@ def _write_failures(runs: Path, failures: dict[str, str], ledger: Path | None = 
     for folder in (runs, *((ledger,) if ledger else ())):
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "failures.json", failures)
+
+
+def live_failures(key: str, args: argparse.Namespace) -> dict[str, str]:
+    """The recorded failures of ``key`` less those of cells finished since (here or elsewhere)."""
+    failures = _read_failures(Path(args.runs) / key, ledger_dir(args) / key)
+    out = {}
+    for name, message in failures.items():
+        method, _, seed = name.partition("/seed")
+        if not seed.isdigit() or cell_state(Cell(key, method, int(seed)), args) != "done":
+            out[name] = message
+    return out
 
 
 def missing_cells(keys: Sequence[str], args: argparse.Namespace) -> list[Cell]:
@@ -650,8 +696,12 @@ def capped_settings(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, str], dic
 def capped_note(rows: Sequence[dict[str, Any]]) -> str:
     """One line saying which settings :func:`capped_settings` left out or relabels ('' if none)."""
     same, realised = capped_settings(rows)
-    bits = [f"{s} is the same masks as {t} (MR capped at (M-1)/M), not shown" for s, t in same.items()]
-    bits += [f"{s} realises MR {v:.3f} (capped at (M-1)/M: every sample keeps one modality)" for s, v in realised.items()]
+    bits = [f"{s} realised exactly {t}'s rate in every seed, so the same (nested) masks: not shown"
+            for s, t in same.items()]
+    bits += [f"{s} realises MR {v:.3f}" for s, v in realised.items()]
+    if bits:
+        bits.append("every sample keeps at least one modality, so MR cannot exceed (M-1)/M "
+                    "(0.5 with two modalities, 0.667 with three); small splits also round")
     return "; ".join(bits) + "." if bits else ""
 
 
@@ -779,7 +829,7 @@ def report_key(key: str, args: argparse.Namespace) -> None:
     spec = SPECS[key]
     sync_ledger(key, args)
     rows = collect_rows(key, args)
-    failures = _read_failures(Path(args.runs) / key, ledger_dir(args) / key)
+    failures = live_failures(key, args)
     missing = missing_cells([key], args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -944,7 +994,8 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
     from flowtransfer.training.results import PERCENT_METRICS
 
     parts = ["# Every method on the same footing (issue 11)", "",
-             "Built by `python benchmarks/compare_methods.py --report-only --comparison benchmarks/COMPARISON.md` "
+             "Built by `python benchmarks/compare_methods.py --datasets avmnist,mosi,mosi_folds,synthetic --report-only "
+             "--comparison benchmarks/COMPARISON.md` "
              "from the finished cells only (one folder per dataset, method and seed). Budget rule: every method "
              "trains to the validation plateau (early stopping, LR on plateau) under one cap of optimiser steps; "
              "DiCMoR's two stages share that cap. `(!)` marks a method that hit the cap while still improving.", "",
@@ -1052,11 +1103,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='loader options for every dataset, as JSON (e.g. \'{"n_train": 64}\' for the synthetic data)')
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data-root", default=None, help="the shared data folder (default: flowtransfer's lookup)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"),
+                   help="tables, plots and (in cells/) the ledger (default benchmarks/results/compare)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
     p.add_argument("--ledger", default=None,
                    help="the committed record of finished cells (results and markers, no checkpoints; default "
-                        "<out>/cells): a cell finished there counts as finished, so a new checkout resumes the suite")
+                        "<out>/cells<tag>): a cell finished there under this command's settings counts as finished, "
+                        "so a new checkout resumes the suite")
     p.add_argument("--import-results", default=None, metavar="CSV",
                    help="write ledger cells from a compare_<key>_results.csv of the one key given in --datasets, "
                         "under this command's settings (recovering cells whose runs folder was lost); runs nothing")

@@ -149,6 +149,20 @@ def test_the_ledger_survives_the_loss_of_the_runs_folder(partial_suite, tmp_path
     again = suite.collect_rows("synthetic", suite.build_parser().parse_args(imported))
     assert [{k: r[k] for k in ("method", "setting", "seed", "acc")} for r in again] == \
         [{k: r[k] for k in ("method", "setting", "seed", "acc")} for r in ran]
+    with pytest.raises(FileExistsError, match="in the ledger already"):
+        suite.main(imported)  # never silently replaced
+    # a ledger cell of another budget neither blocks nor shadows a run under this one
+    capsys.readouterr()
+    assert suite.main([*argv, "--max-steps", "6"]) == 0
+    assert "[synthetic/zero_fill/seed0] done" in capsys.readouterr().out
+    assert json.loads((fresh / "out" / "cells" / "synthetic" / "zero_fill" / "seed0" / "DONE.json").read_text()
+                      )["settings"]["max_steps"] == 6
+    # and an old run folder never overwrites the ledger's current cell in a report
+    shutil.copytree(partial_suite / "runs", fresh / "old_runs")
+    report = [*argv, "--max-steps", "6", "--runs", str(fresh / "old_runs"), "--report-only"]
+    assert suite.main(report) == 0
+    assert json.loads((fresh / "out" / "cells" / "synthetic" / "zero_fill" / "seed0" / "DONE.json").read_text()
+                      )["settings"]["max_steps"] == 6
 
 
 def test_plan_measures_time_and_lists_cells(tmp_path, capsys) -> None:
@@ -188,7 +202,7 @@ def test_settings_beyond_the_missing_rate_cap_are_named_not_repeated():
     same, realised = suite.capped_settings(two)
     assert same == {"mr=0.6": "mr=0.5", "mr=0.7": "mr=0.5"} and realised == {}
     assert {r["setting"] for r in suite.drop_capped(two)} == {"mr=0.3", "mr=0.5"}
-    assert "mr=0.7 is the same masks as mr=0.5" in suite.capped_note(two)
+    assert "mr=0.7 realised exactly mr=0.5's rate in every seed" in suite.capped_note(two)
     three = [{"method": "m", "setting": f"mr={r}", "seed": 0, "realised_missing_rate": min(r, 2 / 3), "acc": 0.5}
              for r in (0.5, 0.7)]
     same, realised = suite.capped_settings(three)
