@@ -898,6 +898,9 @@ def pool_folds(rows_by_fold: Sequence[Sequence[dict[str, Any]]]) -> list[dict[st
             values = [r.get(metric) for r in group]
             if total and all(isinstance(v, (int, float)) for v in values):
                 row[metric] = sum(w * v for w, v in zip(n, values)) / total
+        rates = [r.get("realised_missing_rate") for r in group]
+        if total and all(isinstance(v, (int, float)) for v in rates):  # the pooled test set's rate
+            row["realised_missing_rate"] = sum(w * v for w, v in zip(n, rates)) / total
         # budgets: the mean steps over the folds' trainings, "plateau" only if every fold stopped there
         steps = [float(r["steps"]) for r in group if isinstance(r.get("steps"), (int, float))]
         row["steps"] = sum(steps) / len(steps) if steps else None

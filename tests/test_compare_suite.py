@@ -174,13 +174,16 @@ def test_plan_measures_time_and_lists_cells(tmp_path, capsys) -> None:
 
 
 def test_pool_folds_weights_each_fold_by_its_test_size():
-    fold_a = [{"method": "m", "setting": "mr=0.0", "seed": 0, "n": 100.0, "acc2_non0": 0.8, "mae": 1.0, "corr": 0.5}]
-    fold_b = [{"method": "m", "setting": "mr=0.0", "seed": 0, "n": 300.0, "acc2_non0": 0.6, "mae": 2.0, "corr": 0.1},
+    fold_a = [{"method": "m", "setting": "mr=0.0", "seed": 0, "n": 100.0, "acc2_non0": 0.8, "mae": 1.0, "corr": 0.5,
+               "realised_missing_rate": 0.2}]
+    fold_b = [{"method": "m", "setting": "mr=0.0", "seed": 0, "n": 300.0, "acc2_non0": 0.6, "mae": 2.0, "corr": 0.1,
+               "realised_missing_rate": 0.6},
               {"method": "m", "setting": "mr=0.5", "seed": 0, "n": 300.0, "acc2_non0": 0.5}]
     (row,) = suite.pool_folds([fold_a, fold_b])  # mr=0.5 is missing from fold a: not pooled
     assert row["n"] == 400.0 and row["setting"] == "mr=0.0"
     assert abs(row["acc2_non0"] - 0.65) < 1e-12 and abs(row["mae"] - 1.75) < 1e-12
     assert "corr" not in row  # a correlation does not pool as a mean
+    assert abs(row["realised_missing_rate"] - 0.5) < 1e-12  # the pooled test set's rate
 
 
 def test_dicmor_vs_best_pairs_dicmor_with_the_best_other_non_bound_method():
