@@ -1033,8 +1033,7 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
         if head.exists():
             budget = "" if key == "mosi_folds" else _budget_line(key, args) + "\n\n"
             blocks.append(budget + head.read_text())
-        if key != "mosi_folds":
-            missing_all += missing_cells([key], args)
+        missing_all += missing_cells(list(ALIASES["mosi_folds"]) if key == "mosi_folds" else [key], args)
     if capped:
         parts += ["", "Every sample keeps at least one modality, so MR is capped at (M-1)/M: "
                   + "; ".join(capped) + " (a setting equal to a lower one has the same masks and is not repeated)."]
