@@ -667,34 +667,11 @@ def paired_markdown(rows: Sequence[dict[str, Any]], metric: str, higher: bool, r
     return "\n".join(lines)
 
 
-def capped_settings(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, str], dict[str, float]]:
-    """Missing-rate settings that the data cannot realise as named.
-
-    Every sample keeps at least one modality, so MR is capped at ``(M-1)/M`` (0.5 on AV-MNIST's two
-    modalities, 0.667 on three; :func:`flowtransfer.data.missing.random_missing_mask`). Returns
-    ``(same, realised)``: ``same[s]`` is the lowest other setting that realised exactly the same rate
-    in every seed (the masks are nested, so equal counts mean identical masks: ``s`` is a copy of it
-    and is left out of the tables); ``realised[s]`` is the mean realised rate of every remaining
-    ``mr=`` setting whose realised rate is more than 0.005 from its name."""
-    rates: dict[str, dict[int, float]] = {}
-    for r in rows:
-        name = str(r["setting"])
-        if name.startswith("mr=") and r.get("realised_missing_rate") is not None:
-            rates.setdefault(name, {})[int(r["seed"])] = round(float(r["realised_missing_rate"]), 6)
-    order = sorted(rates, key=lambda n: float(n[3:]))
-    same: dict[str, str] = {}
-    for i, name in enumerate(order):
-        for lower in order[:i]:
-            if lower not in same and rates[lower] == rates[name]:
-                same[name] = lower
-                break
-    realised = {n: statistics.mean(rates[n].values()) for n in order
-                if n not in same and abs(statistics.mean(rates[n].values()) - float(n[3:])) > 0.005}
-    return same, realised
-
-
 def capped_note(rows: Sequence[dict[str, Any]]) -> str:
-    """One line saying which settings :func:`capped_settings` left out or relabels ('' if none)."""
+    """One line saying which settings :func:`paired_differences.capped_settings` leaves out or
+    relabels ('' if none)."""
+    from paired_differences import capped_settings
+
     same, realised = capped_settings(rows)
     bits = [f"{s} realised exactly {t}'s rate in every seed, so the same (nested) masks: not shown"
             for s, t in same.items()]
@@ -706,7 +683,10 @@ def capped_note(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def drop_capped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` less the settings that copy a lower setting's masks (:func:`capped_settings`)."""
+    """``rows`` less the settings that copy a lower setting's masks
+    (:func:`paired_differences.capped_settings`)."""
+    from paired_differences import capped_settings
+
     same, _ = capped_settings(rows)
     return [r for r in rows if r["setting"] not in same]
 
@@ -1014,6 +994,8 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
         task = "regression" if key == "mosi_folds" else SPECS[key].task
         metric, higher = HEADLINE[task][0]
         scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        from paired_differences import capped_settings
+
         same, realised = capped_settings(rows)
         capped += [f"{key}: {s} = {t}" for s, t in same.items() if s in SUMMARY_SETTINGS]
         capped += [f"{key}: {s} realises {v:.3f}" for s, v in realised.items() if s in SUMMARY_SETTINGS]

@@ -31,7 +31,7 @@ from typing import Any
 
 from scipy import stats
 
-__all__ = ["PairedDifference", "paired_difference", "paired_by_seed", "SETTINGS", "METHODS"]
+__all__ = ["PairedDifference", "paired_difference", "paired_by_seed", "capped_settings", "SETTINGS", "METHODS"]
 
 SETTINGS = ("mr=0.0", "mr=0.3", "mr=0.5", "mr=0.7")
 METHODS = ("dicmor", "dicmor_official", "zero_fill", "upper_bound")
@@ -132,6 +132,32 @@ def paired_by_seed(rows: Sequence[Mapping[str, Any]], metric: str, method: str, 
                              confidence, seeds)
 
 
+def capped_settings(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, str], dict[str, float]]:
+    """Missing-rate settings that the data cannot realise as named.
+
+    Every sample keeps at least one modality, so MR is capped at ``(M-1)/M`` (0.5 on AV-MNIST's two
+    modalities, 0.667 on three; :func:`flowtransfer.data.missing.random_missing_mask`). Returns
+    ``(same, realised)``: ``same[s]`` is the lowest other setting that realised exactly the same rate
+    in every seed (the masks are nested, so equal counts mean identical masks: ``s`` is a copy of it
+    and is left out of the tables); ``realised[s]`` is the mean realised rate of every remaining
+    ``mr=`` setting whose realised rate is more than 0.005 from its name."""
+    rates: dict[str, dict[int, float]] = {}
+    for r in rows:
+        name, rate = str(r["setting"]), _finite(r.get("realised_missing_rate"))
+        if name.startswith("mr=") and rate is not None:
+            rates.setdefault(name, {})[int(r["seed"])] = round(rate, 6)
+    order = sorted(rates, key=lambda n: float(n[3:]))
+    same: dict[str, str] = {}
+    for i, name in enumerate(order):
+        for lower in order[:i]:
+            if lower not in same and rates[lower] == rates[name]:
+                same[name] = lower
+                break
+    realised = {n: statistics.mean(rates[n].values()) for n in order
+                if n not in same and abs(statistics.mean(rates[n].values()) - float(n[3:])) > 0.005}
+    return same, realised
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv")
@@ -142,7 +168,12 @@ def main() -> None:
     by = {(r["method"], r["setting"], int(r["seed"])): r for r in rows}
     seeds = sorted({int(r["seed"]) for r in rows})
     print(f"{args.csv}: {args.metric} (%), seeds {seeds}; mean ± std over seeds; differences paired by seed")
+    same, _ = capped_settings(rows)
     for s in SETTINGS:
+        if s in same:
+            print(f"{s}: realised exactly {same[s]}'s rate in every seed (the same nested masks; MR cannot exceed "
+                  "(M-1)/M): not repeated")
+            continue
         cells = []
         for m in METHODS:
             v = [100 * float(by[(m, s, k)][args.metric]) for k in seeds if (m, s, k) in by]

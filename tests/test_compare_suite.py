@@ -202,13 +202,13 @@ def test_settings_beyond_the_missing_rate_cap_are_named_not_repeated():
     leave them out and say so; on three modalities mr=0.7 realises 0.667 and is labelled."""
     two = [{"method": "m", "setting": f"mr={r}", "seed": s, "realised_missing_rate": min(r, 0.5), "acc": 0.9 - r}
            for r in (0.3, 0.5, 0.6, 0.7) for s in (0, 1)]
-    same, realised = suite.capped_settings(two)
+    same, realised = paired.capped_settings(two)
     assert same == {"mr=0.6": "mr=0.5", "mr=0.7": "mr=0.5"} and realised == {}
     assert {r["setting"] for r in suite.drop_capped(two)} == {"mr=0.3", "mr=0.5"}
     assert "mr=0.7 realised exactly mr=0.5's rate in every seed" in suite.capped_note(two)
     three = [{"method": "m", "setting": f"mr={r}", "seed": 0, "realised_missing_rate": min(r, 2 / 3), "acc": 0.5}
              for r in (0.5, 0.7)]
-    same, realised = suite.capped_settings(three)
+    same, realised = paired.capped_settings(three)
     assert same == {} and realised == {"mr=0.7": pytest.approx(2 / 3, abs=1e-6)}
     assert "mr=0.7 realises MR 0.667" in suite.capped_note(three)
     headline = suite.headline_markdown("x", two, {}, "classification")
