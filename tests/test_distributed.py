@@ -73,15 +73,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_gloo_processes_agree(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
+def _torchrun_two(source: str, tmp_path) -> None:
+    """Run ``source`` as a script in two gloo processes under torchrun (argument: ``tmp_path``)."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(source)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_gloo_processes_agree(tmp_path):
+    _torchrun_two(SCRIPT, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     init0 = torch.load(tmp_path / "init0.pt", weights_only=True)
@@ -184,14 +189,7 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
     """Under DDP the check is collective and at the end of the epoch: rank 1's NaN raises on both
     ranks (no rank hangs in a collective waiting for one that stopped); rank 1 names its step,
     rank 0 says another rank failed."""
-    script = tmp_path / "ddp_nan.py"
-    script.write_text(NAN_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun_two(NAN_SCRIPT, tmp_path)
     assert "epoch 0, step 3 of Lin" in (tmp_path / "rank1.txt").read_text()
     # rank 0's own losses were finite all epoch (DDP carried the NaN into its weights only at the
     # last update), and it raises too, saying why

@@ -581,7 +581,6 @@ class Trainer:
         sums: dict[str, Tensor | float] = {}
         counts: dict[str, float] = {}
         step_losses: list[Tensor] = []
-        per_step = self.check_loss_every_step and not self.context.is_distributed
 
         def add(key: str, value: Tensor | float, weight: int) -> None:
             if isinstance(value, Tensor):
@@ -596,6 +595,8 @@ class Trainer:
 
         seen = 0
         bar = self._bar(count, f"epoch {epoch + 1}/{self.config.epochs}", leave=False)
+        # a bar reads each loss anyway (it shows it); under DDP the check stays collective (below)
+        per_step = (self.check_loss_every_step or bar is not None) and not self.context.is_distributed
         try:
             for step, batch in enumerate(batches):
                 if step >= count:
@@ -610,9 +611,9 @@ class Trainer:
                     shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                     raise TypeError(f"{type(self.method).__name__}.loss must return a scalar Tensor, got {shape}")
                 step_losses.append(loss.detach())
-                if per_step or (bar is not None and not self.context.is_distributed):
+                if per_step and not math.isfinite(float(step_losses[-1])):
                     # before backward and the optimiser step: the weights stay the last finite ones
-                    self._raise_if_nonfinite(self._first_nonfinite(step_losses[-1:]), step_losses[-1:], epoch, step)
+                    self._raise_if_nonfinite(0, step_losses[-1:], epoch, step)
                 if not loss.requires_grad:
                     raise RuntimeError(
                         f"{type(self.method).__name__}.loss returned a tensor without gradient: "
