@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -73,16 +74,41 @@ SCRIPT = textwrap.dedent(
 )
 
 
+#: what libstdc++ prints when a process ends with torch's leaked gloo threads still running
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+#: appended to every script: each rank records that it got past ``cleanup_distributed``
+END_MARKER = textwrap.dedent(
+    '''
+    (Path(sys.argv[1]) / f"finished{ctx.rank}").write_text("ok")
+    '''
+)
+
+
 def _torchrun_two(source: str, tmp_path) -> None:
-    """Run ``source`` as a script in two gloo processes under torchrun (argument: ``tmp_path``)."""
+    """Run ``source`` as a script in two gloo processes under torchrun (argument: ``tmp_path``).
+
+    The run must succeed. One exit is tolerated, and only after both ranks finished the whole
+    script (``END_MARKER``): the abort at interpreter exit caused by torch itself. Once a
+    DistributedDataParallel has been built, torch 2.13 keeps the gloo process group and its threads
+    alive after ``destroy_process_group`` (pytorch/pytorch#107298; checked: three gloo threads remain,
+    against none without DDP), and rarely a rank aborts with ``GLOO_EXIT_ABORT`` while the process
+    tears down. Everything this suite checks has happened by then; any other failure fails.
+    """
     script = tmp_path / "ddp_script.py"
-    script.write_text(source)
+    script.write_text(source + END_MARKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.returncode == 0:
+        return
+    finished = all((tmp_path / f"finished{rank}").is_file() for rank in (0, 1))
+    assert finished and GLOO_EXIT_ABORT in proc.stderr, output
+    warnings.warn(f"torchrun exited {proc.returncode} after both ranks finished: torch's gloo exit abort "
+                  "(pytorch/pytorch#107298), tolerated", RuntimeWarning)
 
 
 def test_two_gloo_processes_agree(tmp_path):
@@ -195,3 +221,40 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
     # last update), and it raises too, saying why
     rank0 = (tmp_path / "rank0.txt").read_text()
     assert "non-finite on another rank in epoch 0" in rank0
+
+
+
+EXIT_ABORT_SCRIPT = textwrap.dedent(
+    '''
+    import atexit
+    import os
+    import sys
+    from pathlib import Path
+
+    from flowtransfer.training import cleanup_distributed, init_distributed
+
+    def abort_like_gloo():
+        sys.stderr.write("terminate called without an active exception\\n")
+        sys.stderr.flush()
+        os.abort()
+
+    ctx = init_distributed()
+    if ctx.rank == 1:
+        if sys.argv[1].endswith("early"):  # dies before the end of its script
+            abort_like_gloo()
+        atexit.register(abort_like_gloo)  # dies at exit, after its end marker
+    cleanup_distributed()
+    '''
+)
+
+
+def test_the_launcher_tolerates_only_the_exit_abort_after_both_ranks_finished(tmp_path):
+    """``_torchrun_two`` is strict: a rank that aborts before the end of its script fails it even
+    with torch's exit-abort message; the same abort at exit, after both ranks' end markers, is let
+    through with a warning."""
+    (tmp_path / "late").mkdir()
+    with pytest.warns(RuntimeWarning, match="gloo exit abort"):
+        _torchrun_two(EXIT_ABORT_SCRIPT, tmp_path / "late")
+    (tmp_path / "early").mkdir()
+    with pytest.raises(AssertionError, match="terminate called"):
+        _torchrun_two(EXIT_ABORT_SCRIPT, tmp_path / "early")
