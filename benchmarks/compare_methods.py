@@ -970,6 +970,28 @@ def verdict_lines(summary: Sequence[tuple[str, dict[str, Any]]], higher: dict[st
     return lines
 
 
+def comparison_command(keys: Sequence[str], args: argparse.Namespace, path: Path) -> str:
+    """The command that rebuilds this comparison: the datasets (folds as ``mosi_folds``) and every
+    option that selects which cells it reads (cap, tag, runs folder) when not the default."""
+    parts = ["python benchmarks/compare_methods.py", f"--datasets {','.join(keys)}", "--report-only"]
+    if args.max_steps != 2000:
+        parts.append(f"--max-steps {'none' if args.max_steps is None else args.max_steps}")
+    if args.tag:
+        parts.append(f"--tag {args.tag}")
+    if Path(args.runs).resolve() != (ROOT / "runs" / "compare").resolve():
+        parts.append(f"--runs {_relative(Path(args.runs))}")
+    parts.append(f"--comparison {_relative(path)}")
+    return " ".join(parts)
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it, else as given."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) -> None:
     """``COMPARISON.md``: what was run (budgets, seeds), DiCMoR against the best baseline at MR 0.3 /
     0.5 / 0.7 per dataset with paired 95% intervals, every cell still missing, then each dataset's
@@ -977,10 +999,10 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
     from flowtransfer.training.results import PERCENT_METRICS
 
     parts = ["# Every method on the same footing (issue 11)", "",
-             "Built by `python benchmarks/compare_methods.py --datasets avmnist,mosi,mosi_folds,synthetic --report-only "
-             "--comparison benchmarks/COMPARISON.md` "
+             f"Built by `{comparison_command(keys, args, path)}` "
              "from the finished cells only (one folder per dataset, method and seed). Budget rule: every method "
-             "trains to the validation plateau (early stopping, LR on plateau) under one cap of optimiser steps; "
+             f"trains to the validation plateau (early stopping, LR on plateau) under one cap of {args.max_steps} "
+             "optimiser steps; "
              "DiCMoR's two stages share that cap. `(!)` marks a method that hit the cap while still improving.", "",
              "## DiCMoR against the best other method (bounds excluded), paired by seed", "",
              "Best other = the best mean among methods with at least DiCMoR's seeds in that cell.", "",

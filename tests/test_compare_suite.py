@@ -225,3 +225,18 @@ def test_verdicts_follow_the_intervals_and_the_metric_direction():
     assert lines[0] == "- **a**: DiCMoR wins at mr=0.3 (vs x); is within noise at mr=0.5 (vs x)."
     assert lines[1] == "- **b**: DiCMoR loses at mr=0.3 (vs y)."  # lower is better there (MAE)
     assert "one seed only" in lines[2]
+
+
+def test_the_comparison_names_the_command_that_rebuilds_it(partial_suite) -> None:
+    """Another cap or tag reads other cells: the comparison's first line says which, so it can be rebuilt."""
+    path = partial_suite / "COMPARISON_cap4.md"
+    assert suite.main(_argv(partial_suite, "zero_fill", "0,", "--report-only", "--comparison", str(path))) == 0
+    text = path.read_text()
+    runs = str(partial_suite / "runs")
+    assert (f"Built by `python benchmarks/compare_methods.py --datasets synthetic --report-only --max-steps 4 "
+            f"--runs {runs} --comparison {path}`") in text
+    assert "under one cap of 4 optimiser steps" in text
+    default = suite.build_parser().parse_args(["--datasets", "avmnist"])
+    assert suite.comparison_command(["avmnist", "mosi_folds"], default, suite.ROOT / "benchmarks" / "C.md") == (
+        "python benchmarks/compare_methods.py --datasets avmnist,mosi_folds --report-only "
+        "--comparison benchmarks/C.md")
