@@ -973,15 +973,21 @@ def verdict_lines(summary: Sequence[tuple[str, dict[str, Any]]], higher: dict[st
 def comparison_command(keys: Sequence[str], args: argparse.Namespace, path: Path) -> str:
     """The command that rebuilds this comparison: the datasets (folds as ``mosi_folds``) and every
     option that selects which cells it reads (cap, tag, runs folder) when not the default."""
+    default = build_parser().get_default
     parts = ["python benchmarks/compare_methods.py", f"--datasets {','.join(keys)}", "--report-only"]
-    if args.max_steps != 2000:
-        parts.append(f"--max-steps {'none' if args.max_steps is None else args.max_steps}")
+    if args.max_steps != default("max_steps"):
+        parts.append(f"--max-steps {_cap_text(args.max_steps)}")
     if args.tag:
         parts.append(f"--tag {args.tag}")
-    if Path(args.runs).resolve() != (ROOT / "runs" / "compare").resolve():
+    if Path(args.runs).resolve() != Path(default("runs")).resolve():
         parts.append(f"--runs {_relative(Path(args.runs))}")
     parts.append(f"--comparison {_relative(path)}")
     return " ".join(parts)
+
+
+def _cap_text(max_steps: int | None) -> str:
+    """``--max-steps`` as the command line spells it (``none`` = no cap)."""
+    return "none" if max_steps is None else str(max_steps)
 
 
 def _relative(path: Path) -> str:
@@ -1001,8 +1007,8 @@ def write_comparison(keys: Sequence[str], args: argparse.Namespace, path: Path) 
     parts = ["# Every method on the same footing (issue 11)", "",
              f"Built by `{comparison_command(keys, args, path)}` "
              "from the finished cells only (one folder per dataset, method and seed). Budget rule: every method "
-             f"trains to the validation plateau (early stopping, LR on plateau) under one cap of {args.max_steps} "
-             "optimiser steps; "
+             "trains to the validation plateau (early stopping, LR on plateau) under one cap of "
+             f"{_cap_text(args.max_steps)} optimiser steps; "
              "DiCMoR's two stages share that cap. `(!)` marks a method that hit the cap while still improving.", "",
              "## DiCMoR against the best other method (bounds excluded), paired by seed", "",
              "Best other = the best mean among methods with at least DiCMoR's seeds in that cell.", "",
